@@ -1,0 +1,144 @@
+"""The `data` group: raw XSum splits, cleaned splits, tokenized training data.
+Splits are one asset each through multi-assets rather than static partitions: the job `phi2_pipeline` must
+run the whole graph in one run (a partitioned asset needs one run per partition), "Materialize all" stays a
+single click, and cleaning has to see every split at once to drop rows that leak between them.
+"""
+
+
+import dagster as dg
+import datasets
+import pandas as pd
+
+from phi2_assets.config import CleaningConfig, TokenizeConfig, to_settings
+from phi2_assets.metadata import flat_figures, png_markdown, table_markdown
+from phi2_assets.ml import plots, stats
+from phi2_assets.ml.cleaning import CleaningSettings, clean_splits, word_counts
+from phi2_assets.ml.sources import SPLITS
+from phi2_assets.ml.tokenization import TokenizeSettings, token_stats, tokenize_dataset
+from phi2_assets.profiles import PROFILE
+from phi2_assets.resources import BaseModelResource, XsumSource
+
+TRAINING_SPLITS = ("train", "validation")
+OWNERS = ["team:ml-platform"]
+
+
+def raw_key(split: str) -> dg.AssetKey:
+    return dg.AssetKey(["raw_xsum", split])
+
+
+def cleaned_key(split: str) -> dg.AssetKey:
+    return dg.AssetKey(["cleaned_xsum", split])
+
+
+@dg.multi_asset(
+    outs={
+        split: dg.AssetOut(
+            key=raw_key(split),
+            description=f"XSum {split} rows (id, document, summary) as the profile's source gives them.",
+            kinds={"parquet", "pandas"},
+            owners=OWNERS,
+            code_version="1",
+        )
+        for split in SPLITS
+    },
+    group_name="data",
+)
+def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
+    """Read the three XSum splits from the profile's source (packaged sample, the user's files, or the hub)."""
+    frames = xsum_source.load()
+    for split in SPLITS:
+        frame = frames[split]
+        yield dg.Output(
+            frame,
+            output_name=split,
+            metadata={
+                "source": xsum_source.describe(),
+                "profile": PROFILE.name,
+                "rows": len(frame),
+                **{key: value for column, figures in stats.text_profile(frame).items() for key, value in flat_figures(f"{column}_words", figures).items()},
+                "preview": table_markdown(stats.preview(frame)),
+            },
+        )
+
+
+@dg.multi_asset(
+    ins={f"raw_{split}": dg.AssetIn(key=raw_key(split)) for split in SPLITS},
+    outs={
+        split: dg.AssetOut(
+            key=cleaned_key(split),
+            description=f"XSum {split} rows with normalised text, boilerplate removed, bad, duplicate and leaked rows dropped, capped.",
+            kinds={"parquet", "pandas"},
+            owners=OWNERS,
+            code_version="1",
+        )
+        for split in SPLITS
+    },
+    group_name="data",
+)
+def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_train: pd.DataFrame, raw_validation: pd.DataFrame, raw_test: pd.DataFrame):
+    """Clean all splits together: leakage between splits is only visible with every split in hand."""
+    settings = to_settings(CleaningSettings, config)
+    result = clean_splits({"train": raw_train, "validation": raw_validation, "test": raw_test}, settings)
+    for split in SPLITS:
+        frame = result.frames[split]
+        histogram = plots.histograms_png(
+            {"document words": word_counts(frame["document"]), "summary words": word_counts(frame["summary"])},
+            title=f"cleaned_xsum/{split}: length distribution", xlabel="words",
+        )
+        yield dg.Output(
+            frame,
+            output_name=split,
+            metadata={
+                "rows_in": result.rows_in[split],
+                "rows_out": len(frame),
+                **flat_figures("dropped", result.drops[split]),
+                **stats.xsum_eda(frame),
+                "length_histogram": png_markdown(histogram, "length histogram"),
+                "preview": table_markdown(stats.preview(frame)),
+            },
+        )
+
+
+@dg.asset(
+    ins={f"cleaned_{split}": dg.AssetIn(key=cleaned_key(split)) for split in TRAINING_SPLITS},
+    group_name="data",
+    kinds={"huggingface", "arrow"},
+    owners=OWNERS,
+    code_version="1",
+)
+def tokenized_xsum(
+    context: dg.AssetExecutionContext, config: TokenizeConfig, base_model: BaseModelResource,
+    cleaned_train: pd.DataFrame, cleaned_validation: pd.DataFrame,
+) -> dg.Output[datasets.DatasetDict]:
+    """Train and validation as the trainer needs them: prompt + summary + EOS, loss on the summary only.
+
+    The article is truncated so each sequence fits `max_length`; the summary never is.
+    """
+    settings = to_settings(TokenizeSettings, config)
+    tokenizer = base_model.tokenizer()
+    splits, figures_by_split, metadata = {}, {}, {}
+    for split, frame in (("train", cleaned_train), ("validation", cleaned_validation)):
+        rows = datasets.Dataset.from_pandas(frame, preserve_index=False)
+        splits[split], dropped = tokenize_dataset(rows, tokenizer, settings)
+        figures = figures_by_split[split] = token_stats(splits[split])
+        metadata.update({
+            f"{split}_sequences": figures.sequences,
+            f"{split}_tokens": figures.tokens,
+            f"{split}_supervised_tokens": figures.supervised_tokens,
+            f"{split}_mean_length": round(figures.mean_length, 1),
+            f"{split}_p95_length": figures.p95_length,
+            f"{split}_max_length": figures.max_length,
+            f"{split}_article_truncated_share": round(figures.truncated_share, 3),
+            f"{split}_dropped_summary_too_long": dropped,
+        })
+    plot = plots.histograms_png({"train sequence tokens": figures_by_split["train"].lengths}, title="tokenized_xsum: sequence lengths", xlabel="tokens")
+    return dg.Output(
+        datasets.DatasetDict(splits),
+        metadata={
+            **metadata,
+            "template": settings.template,
+            "max_length": settings.max_length,
+            "tokenizer": base_model.name_or_path,
+            "length_plot": png_markdown(plot, "sequence lengths"),
+        },
+    )

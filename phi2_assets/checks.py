@@ -1,0 +1,89 @@
+"""Every asset check, side by side. Blocking checks stop downstream steps that would compute garbage."""
+
+import dagster as dg
+import datasets
+import pandas as pd
+
+from phi2_assets.assets.data import TRAINING_SPLITS, cleaned_key, raw_key
+from phi2_assets.ml.sources import COLUMNS, SPLITS
+from phi2_assets.ml.tokenization import IGNORE_INDEX, PromptEncoder
+from phi2_assets.resources import BaseModelResource
+
+
+def _result(key: dg.AssetKey, name: str, problems: list[str], **metadata) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(
+        asset_key=key, check_name=name, passed=not problems,
+        description="; ".join(problems) if problems else "ok", metadata=metadata,
+    )
+
+
+def _raw_check(split: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=raw_key(split), name="has_columns_and_rows", blocking=True)
+    def check(frame: pd.DataFrame) -> dg.AssetCheckResult:
+        problems = [f"missing column {c!r}" for c in COLUMNS if c not in frame.columns]
+        if len(frame) == 0:
+            problems.append("no rows")
+        return _result(raw_key(split), "has_columns_and_rows", problems, rows=len(frame))
+
+    return check
+
+
+@dg.multi_asset_check(
+    specs=[dg.AssetCheckSpec("clean_and_disjoint", asset=cleaned_key(split), blocking=True) for split in SPLITS],
+    ins={f"cleaned_{split}": dg.AssetIn(key=cleaned_key(split)) for split in SPLITS},
+)
+def cleaned_xsum_checks(cleaned_train: pd.DataFrame, cleaned_validation: pd.DataFrame, cleaned_test: pd.DataFrame):
+    """No empty text, no duplicate ids or documents, and no id shared between splits."""
+    frames = {"train": cleaned_train, "validation": cleaned_validation, "test": cleaned_test}
+    for split, frame in frames.items():
+        problems = []
+        if len(frame) == 0:
+            problems.append("no rows")
+        for column in ("document", "summary"):
+            empty = int(frame[column].fillna("").str.strip().eq("").sum())
+            if empty:
+                problems.append(f"{empty} empty {column}s")
+        if frame["id"].duplicated().any():
+            problems.append(f"{int(frame['id'].duplicated().sum())} duplicate ids")
+        others = set().union(*(set(other["id"]) for name, other in frames.items() if name != split))
+        leaked = int(frame["id"].isin(others).sum())
+        if leaked:
+            problems.append(f"{leaked} ids also in another split")
+        yield _result(cleaned_key(split), "clean_and_disjoint", problems, rows=len(frame), leaked_ids=leaked)
+
+
+@dg.asset_check(
+    asset="tokenized_xsum",
+    blocking=True,
+    additional_ins={f"cleaned_{split}": dg.AssetIn(key=cleaned_key(split)) for split in TRAINING_SPLITS},
+)
+def tokenized_sequences_fit(
+    context: dg.AssetCheckExecutionContext, base_model: BaseModelResource, tokenized_xsum: datasets.DatasetDict,
+    cleaned_train: pd.DataFrame, cleaned_validation: pd.DataFrame,
+) -> dg.AssetCheckResult:
+    """No sequence over max_length, every sequence supervised, and every summary intact: the supervised tokens
+    are exactly the re-tokenized reference summary followed by EOS."""
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("tokenized_xsum"))
+    max_length = int(event.asset_materialization.metadata["max_length"].value)
+    tokenizer = base_model.tokenizer()
+    eos = PromptEncoder.create(tokenizer, "seed").eos_id
+    summaries = pd.concat([cleaned_train, cleaned_validation]).set_index("id")["summary"]
+    problems, checked = [], 0
+    for split, rows in tokenized_xsum.items():
+        for row_id, input_ids, labels in zip(rows["id"], rows["input_ids"], rows["labels"]):
+            supervised = [token for token in labels if token != IGNORE_INDEX]
+            expected = [*tokenizer(summaries[row_id], add_special_tokens=False)["input_ids"], eos]
+            if len(input_ids) > max_length:
+                problems.append(f"{split}/{row_id}: {len(input_ids)} tokens > max_length {max_length}")
+            elif not supervised:
+                problems.append(f"{split}/{row_id}: no supervised tokens")
+            elif supervised != expected:
+                problems.append(f"{split}/{row_id}: summary truncated or altered")
+            checked += 1
+    return dg.AssetCheckResult(
+        passed=not problems, description="; ".join(problems[:5]) if problems else "ok",
+        metadata={"sequences_checked": checked, "failures": len(problems), "max_length": max_length},
+    )
+
+
+data_checks = [*(_raw_check(split) for split in SPLITS), cleaned_xsum_checks, tokenized_sequences_fit]

