@@ -1,0 +1,122 @@
+"""One rank of `accelerate launch -m phi2_assets.launch.train_entry`: load the base model, run `train_lora`.
+
+Every rank loads the model on its own device (`models.load_model` maps it to LOCAL_RANK; 4-bit NF4 on CUDA) and
+calls the same `train_lora` as the in-process asset; the Trainer sees WORLD_SIZE and wraps the model in DDP.
+Rank 0 alone talks to Dagster through Pipes: progress lines as Pipes logs, the `AdapterArtifact` as a custom
+message, how the run was launched as the materialization's metadata. Only `dagster_pipes` is imported, never
+`dagster`, so a training image needs nothing of the orchestrator.
+
+Outside Dagster (benchmarks): `--job job.json` gives the same parameters, `--result result.json` gets the artifact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import datasets
+import torch
+from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader, open_dagster_pipes
+
+from phi2_assets.ml import models
+from phi2_assets.ml.train import AdapterArtifact, TrainSettings, train_lora
+
+ARTIFACT_MESSAGE = "adapter_artifact"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingJob:
+    """What every rank needs, as JSON: the Pipes extras under Dagster, or the `--job` file outside it."""
+
+    model: dict  # ModelSpec fields but the token, which comes from the HF_TOKEN environment variable
+    model_dir: str  # resolved by the orchestrator, so the GGUF conversion or tiny model is built once, there
+    datasets_dir: str  # a saved DatasetDict with `train` and `validation`: exactly what the asset received
+    settings: dict  # TrainSettings fields
+    output_dir: str
+    checkpoint_dir: str
+
+    def train_settings(self) -> TrainSettings:
+        hints = typing.get_type_hints(TrainSettings)
+        values = {
+            key: tuple(value) if typing.get_origin(hints[key]) is tuple and value is not None else value
+            for key, value in self.settings.items()
+        }
+        return TrainSettings(**values)
+
+    def model_spec(self) -> models.ModelSpec:
+        return models.ModelSpec(**self.model, hub_token=os.environ.get("HF_TOKEN"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def run_job(job: TrainingJob, on_log: Callable[[str], None] | None) -> AdapterArtifact:
+    """Load the model on this rank's device and train. Ranks other than 0 save their (identical) copy of the
+    adapter to a scratch sibling that is removed at once: only rank 0 writes the asset's directory."""
+    spec = job.model_spec()
+    precision = models.choose_precision(spec.load_in_4bit)
+    if on_log:
+        on_log(f"rank 0 of {os.environ.get('WORLD_SIZE', '1')}: loading {spec.name_or_path}: {precision.reason}")
+    tokenizer = models.load_tokenizer(spec, job.model_dir)
+    model = models.load_model(spec, job.model_dir, precision)
+    splits = datasets.load_from_disk(job.datasets_dir)
+    output_dir = Path(job.output_dir)
+    if rank() != 0:
+        output_dir = output_dir.with_name(f".{output_dir.name}.rank{rank()}")
+    try:
+        return train_lora(
+            model, tokenizer, splits["train"], splits["validation"], job.train_settings(),
+            output_dir, Path(job.checkpoint_dir), on_log,
+        )
+    finally:
+        if rank() != 0:
+            shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def launch_facts() -> dict[str, object]:
+    """How the run was spread, for the materialization's metadata."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return {
+        "launcher": "accelerate launch",
+        "processes": int(os.environ.get("WORLD_SIZE", "1")),
+        "distributed_backend": torch.distributed.get_backend() if distributed else "none",
+    }
+
+
+def read_pipes_extras() -> Mapping[str, object]:
+    """The extras from the Pipes context, without opening the message channel: ranks other than 0 stay silent."""
+    params = PipesEnvVarParamsLoader().load_context_params()
+    with PipesDefaultContextLoader().load_context(params) as context_data:
+        return context_data["extras"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--job", type=Path, help="job JSON (TrainingJob fields) when not started by Dagster Pipes")
+    parser.add_argument("--result", type=Path, help="with --job: where rank 0 writes the AdapterArtifact as JSON")
+    args = parser.parse_args(argv)
+
+    if args.job:
+        job = TrainingJob(**json.loads(args.job.read_text()))
+        artifact = run_job(job, functools.partial(print, flush=True) if rank() == 0 else None)
+        if rank() == 0 and args.result:
+            args.result.write_text(json.dumps({**dataclasses.asdict(artifact), **launch_facts()}, indent=2))
+    elif rank() != 0:
+        run_job(TrainingJob(**read_pipes_extras()), on_log=None)
+    else:
+        with open_dagster_pipes() as pipes:
+            artifact = run_job(TrainingJob(**pipes.extras), pipes.log.info)
+            pipes.report_custom_message({ARTIFACT_MESSAGE: dataclasses.asdict(artifact)})
+            pipes.report_asset_materialization(metadata=launch_facts())
+
+
+if __name__ == "__main__":
+    main()
