@@ -1,0 +1,220 @@
+"""Batched summary generation: the same prompt tokens as training, left padding, new tokens only.
+
+`generate_summaries` is a plain function (no Dagster) so benchmarks call exactly what the assets call. Every
+article yields one `GenerationRecord` with a status: `ok`, `empty` (nothing before the first newline) or
+`error` (generation raised even one row at a time); no row is ever dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from phi2_assets.ml import models
+from phi2_assets.ml.prompts import split_template
+from phi2_assets.ml.tokenization import encode_prompts
+
+log = logging.getLogger(__name__)
+STATUSES = ("ok", "empty", "error")
+CACHE_KINDS = ("dynamic", "static")
+# How a newline looks inside vocabulary entries: raw (SentencePiece, Gemma), byte-level BPE (GPT-2, Phi), byte fallback.
+_NEWLINE_SPELLINGS = ("\n", "Ċ", "<0x0A>")
+# Share of free CUDA memory the KV cache and activations of one batch may take.
+_FREE_MEMORY_SHARE = 0.6
+_MAX_AUTO_BATCH = 512
+_CPU_BATCH = 8
+
+
+def _doc(text: str, default: object) -> object:
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding knobs; the defaults are the seed's (`phi2` profile)."""
+
+    template: str = _doc("prompt template; must be the one the adapter was trained with", "seed")
+    max_new_tokens: int = _doc("new tokens at most per summary (never max_length: the prompt does not count)", 60)
+    num_beams: int = _doc("beams; 1 = greedy", 1)
+    batch_size: int = _doc("prompts per generate call; 0 = from free memory on CUDA (8 on CPU)", 0)
+    max_prompt_tokens: int = _doc("prompt budget; the article is truncated to fit, never the template", 1_066)
+    sort_by_length: bool = _doc("batch prompts of similar length together (less padding); output keeps input order", True)
+    cache: str = _doc("KV cache: `dynamic`, or `static` (preallocated, needed for compiled decoding)", "dynamic")
+    compile: bool = _doc("torch.compile the decoding step (CUDA with a static cache; transformers' auto-compile)", False)
+    merged_bf16: bool = _doc("evaluate on a bf16 copy of the base with the adapter merged in, instead of 4-bit + LoRA", False)
+
+    def __post_init__(self) -> None:
+        split_template(self.template)  # raises for an unknown template
+        if self.max_new_tokens < 1 or self.num_beams < 1:
+            raise ValueError("max_new_tokens and num_beams must be at least 1")
+        if self.batch_size < 0:
+            raise ValueError(f"batch_size must be 0 (automatic) or positive, got {self.batch_size}")
+        if self.max_prompt_tokens < 32:
+            raise ValueError(f"max_prompt_tokens must be at least 32, got {self.max_prompt_tokens}")
+        if self.cache not in CACHE_KINDS:
+            raise ValueError(f"cache must be one of {CACHE_KINDS}, got {self.cache!r}")
+        if self.compile and self.cache != "static":
+            raise ValueError("compile needs cache='static': a dynamic cache changes shape every step")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRecord:
+    text: str
+    status: str
+    new_tokens: int
+    prompt_tokens: int
+    hit_token_limit: bool
+    error: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    records: list[GenerationRecord]
+    seconds: float
+    batch_size: int
+
+    @property
+    def summaries_per_second(self) -> float:
+        return len(self.records) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def success_rate(self) -> float:
+        return sum(r.status == "ok" for r in self.records) / len(self.records) if self.records else 0.0
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
+    """EOS ids (tokenizer's and model's) plus every token whose text holds a newline: a summary is one line."""
+    eos = model.generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    candidates = [i for token, i in tokenizer.get_vocab().items() if any(s in token for s in _NEWLINE_SPELLINGS)]
+    decoded = tokenizer.batch_decode([[i] for i in candidates])
+    return sorted(ids | {i for i, text in zip(candidates, decoded) if "\n" in text})
+
+
+def auto_batch_size(model: PreTrainedModel, longest_prompt: int, settings: GenerationSettings) -> int:
+    """The configured batch size, or on CUDA as many sequences as the KV cache fits in a share of free memory."""
+    if settings.batch_size:
+        return settings.batch_size
+    if model.device.type != "cuda":
+        return _CPU_BATCH
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.finfo(torch.bfloat16).bits // 8
+    tokens = longest_prompt + settings.max_new_tokens
+    # K and V per layer, plus the hidden states of a prefill (a few times hidden size per token) as headroom.
+    per_sequence = tokens * (2 * config.num_hidden_layers * heads * head_dim + 8 * config.hidden_size) * element
+    per_sequence *= settings.num_beams
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return max(1, min(_MAX_AUTO_BATCH, int(free * _FREE_MEMORY_SHARE // per_sequence)))
+
+
+def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id: int) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=1,  # no summary may end before it starts (a leading newline or EOS)
+        num_beams=settings.num_beams,
+        do_sample=False,
+        eos_token_id=stop_ids,
+        pad_token_id=pad_id,
+        cache_implementation="static" if settings.cache == "static" else None,
+        disable_compile=not settings.compile,
+    )
+
+
+def _first_line(text: str) -> str:
+    return text.split("\n", 1)[0].strip()
+
+
+def _generate_batch(model, tokenizer, prompts: list[list[int]], config: GenerationConfig, stop_ids: set[int]) -> list[GenerationRecord]:
+    padded = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(model.device)
+    output = model.generate(**padded, generation_config=config)
+    new_tokens = output[:, padded["input_ids"].shape[1]:].tolist()  # left padding: new tokens start at one column
+    records = []
+    for prompt, tokens in zip(prompts, new_tokens):
+        stop_at = next((i for i, token in enumerate(tokens) if token in stop_ids), None)
+        kept = tokens if stop_at is None else tokens[: stop_at + 1]
+        text = _first_line(tokenizer.decode(kept, skip_special_tokens=True))
+        records.append(GenerationRecord(
+            text=text, status="ok" if text else "empty", new_tokens=len(kept), prompt_tokens=len(prompt),
+            hit_token_limit=stop_at is None and len(kept) >= config.max_new_tokens,
+        ))
+    return records
+
+
+def _generate_or_isolate(model, tokenizer, prompts, config, stop_ids) -> list[GenerationRecord]:
+    """A failing batch (e.g. out of memory) is retried one prompt at a time, so one bad row costs only itself."""
+    try:
+        return _generate_batch(model, tokenizer, prompts, config, stop_ids)
+    except Exception as error:  # noqa: BLE001 — every row must come back with a status
+        if len(prompts) > 1:
+            log.warning("batch of %d failed (%s); retrying one prompt at a time", len(prompts), error)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return [record for prompt in prompts for record in _generate_or_isolate(model, tokenizer, [prompt], config, stop_ids)]
+        return [GenerationRecord("", "error", 0, len(prompts[0]), False, f"{type(error).__name__}: {error}")]
+
+
+def generate_summaries(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    articles: Sequence[str],
+    settings: GenerationSettings,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> GenerationResult:
+    """One summary per article, in input order: greedy (or beam) decoding of at most `max_new_tokens`, the
+    first line kept, the prompt never echoed. `on_progress(done, total)` is called after each batch."""
+    prompts = encode_prompts(tokenizer, settings.template, articles, settings.max_prompt_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if settings.sort_by_length else list(range(len(prompts)))
+    batch_size = auto_batch_size(model, max((len(p) for p in prompts), default=0), settings)
+    stop_ids = stop_token_ids(tokenizer, model)
+    config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
+    records: list[GenerationRecord | None] = [None] * len(prompts)
+    padding_side, was_training = tokenizer.padding_side, model.training
+    tokenizer.padding_side = "left"  # batched decoding: every prompt ends where generation starts
+    model.eval()
+    started = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chosen = order[start:start + batch_size]
+                batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, set(stop_ids))
+                for index, record in zip(chosen, batch):
+                    records[index] = record
+                if on_progress:
+                    on_progress(min(start + batch_size, len(order)), len(order))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return GenerationResult(records=list(records), seconds=time.perf_counter() - started, batch_size=batch_size)
+
+
+@contextlib.contextmanager
+def adapted(base: PreTrainedModel, adapter_path: str | Path) -> Iterator[PreTrainedModel]:
+    """The base with the LoRA adapter attached; the shared base comes back clean (adapter layers removed)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(base, str(adapter_path), is_trainable=False)
+    try:
+        yield peft_model
+    finally:
+        peft_model.unload()
+
+
+def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str | Path | None) -> PreTrainedModel:
+    """A separate unquantized copy of the base (bf16 on CUDA, the CPU rule's dtype otherwise) with the adapter
+    merged into its weights: no LoRA matmuls and no 4-bit dequantisation per decoding step."""
+    precision = models.choose_precision(load_in_4bit=False)
+    model = models.load_model(spec, model_dir, precision)
+    if adapter_path is None:
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
