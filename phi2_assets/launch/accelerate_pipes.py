@@ -8,43 +8,17 @@ subclass to run the same command in a GPU pod (README, "More than one GPU").
 
 import dataclasses
 import shutil
-import socket
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 import dagster as dg
 import datasets
 
-from phi2_assets.launch.train_entry import ARTIFACT_MESSAGE, TrainingJob
+from phi2_assets.launch.train_entry import ARTIFACT_MESSAGE, TrainingJob, accelerate_command
 from phi2_assets.ml.train import AdapterArtifact, TrainSettings
 from phi2_assets.resources import BaseModelResource
 
-ENTRY_MODULE = "phi2_assets.launch.train_entry"
 LAUNCHERS = ("in_process", "accelerate")
-
-
-def free_port() -> int:
-    """A free TCP port for the ranks' rendezvous, so two launched runs on one host never collide on 29500."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def accelerate_command(num_processes: int, python: str = sys.executable) -> list[str]:
-    """`accelerate launch` of the entry module with N processes.
-
-    N > 1 goes through `--multi_gpu` (torchrun: one process per rank); on a host without CUDA the same ranks run
-    on CPU with gloo, because `train_lora` sets `use_cpu` there. `--mixed_precision no` leaves bf16 to the
-    training settings, as in process.
-    """
-    command = [
-        python, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-    ]
-    if num_processes > 1:
-        command += ["--multi_gpu", "--main_process_port", str(free_port())]
-    return [*command, "-m", ENTRY_MODULE]
 
 
 def train_with_accelerate(

@@ -17,18 +17,20 @@ import functools
 import json
 import os
 import shutil
+import socket
+import sys
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import datasets
 import torch
-from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader, open_dagster_pipes
 
 from phi2_assets.ml import models
 from phi2_assets.ml.train import AdapterArtifact, TrainSettings, train_lora
 
 ARTIFACT_MESSAGE = "adapter_artifact"
+ENTRY_MODULE = "phi2_assets.launch.train_entry"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,29 @@ class TrainingJob:
 
     def model_spec(self) -> models.ModelSpec:
         return models.ModelSpec(**self.model, hub_token=os.environ.get("HF_TOKEN"))
+
+
+def free_port() -> int:
+    """A free TCP port for the ranks' rendezvous, so two launched runs on one host never collide on 29500."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def accelerate_command(num_processes: int) -> list[str]:
+    """`accelerate launch` of this module with N processes.
+
+    N > 1 goes through `--multi_gpu` (torchrun: one process per rank); on a host without CUDA the same ranks run
+    on CPU with gloo, because `train_lora` sets `use_cpu` there. `--mixed_precision no` leaves bf16 to the
+    training settings, as in process.
+    """
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+    ]
+    if num_processes > 1:
+        command += ["--multi_gpu", "--main_process_port", str(free_port())]
+    return [*command, "-m", ENTRY_MODULE]
 
 
 def rank() -> int:
@@ -93,6 +118,8 @@ def launch_facts() -> dict[str, object]:
 
 def read_pipes_extras() -> Mapping[str, object]:
     """The extras from the Pipes context, without opening the message channel: ranks other than 0 stay silent."""
+    from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader
+
     params = PipesEnvVarParamsLoader().load_context_params()
     with PipesDefaultContextLoader().load_context(params) as context_data:
         return context_data["extras"]
@@ -112,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     elif rank() != 0:
         run_job(TrainingJob(**read_pipes_extras()), on_log=None)
     else:
+        # imported here so that the `--job` path (benchmarks on a bare GPU host) needs only the ML stack
+        from dagster_pipes import open_dagster_pipes
+
         with open_dagster_pipes() as pipes:
             artifact = run_job(TrainingJob(**pipes.extras), pipes.log.info)
             pipes.report_custom_message({ARTIFACT_MESSAGE: dataclasses.asdict(artifact)})
