@@ -1,5 +1,7 @@
 """Every asset check, side by side. Blocking checks stop downstream steps that would compute garbage."""
 
+import math
+
 import dagster as dg
 import datasets
 import pandas as pd
@@ -7,6 +9,7 @@ import pandas as pd
 from phi2_assets.assets.data import TRAINING_SPLITS, cleaned_key, raw_key
 from phi2_assets.ml.sources import COLUMNS, SPLITS
 from phi2_assets.ml.tokenization import IGNORE_INDEX, PromptEncoder
+from phi2_assets.ml.train import AdapterArtifact, adapter_parameter_count
 from phi2_assets.resources import BaseModelResource
 
 
@@ -87,3 +90,37 @@ def tokenized_sequences_fit(
 
 
 data_checks = [*(_raw_check(split) for split in SPLITS), cleaned_xsum_checks, tokenized_sequences_fit]
+
+
+@dg.asset_check(asset="lora_adapter", name="losses_finite", blocking=True)
+def adapter_losses_finite(lora_adapter: AdapterArtifact) -> dg.AssetCheckResult:
+    """Every logged train loss and both eval losses are finite numbers."""
+    losses = [*lora_adapter.train_losses, *lora_adapter.eval_losses, lora_adapter.eval_loss, lora_adapter.base_eval_loss]
+    bad = [loss for loss in losses if not math.isfinite(loss)]
+    return _result(dg.AssetKey("lora_adapter"), "losses_finite", [f"{len(bad)} non-finite losses"] if bad else [], losses_checked=len(losses))
+
+
+@dg.asset_check(asset="lora_adapter", name="eval_loss_below_base", blocking=True)
+def adapter_beats_base_model(lora_adapter: AdapterArtifact) -> dg.AssetCheckResult:
+    """The adapter lowers the validation loss of the base model; otherwise evaluating it is wasted time."""
+    problems = []
+    if not lora_adapter.eval_loss < lora_adapter.base_eval_loss:
+        problems.append(f"eval loss {lora_adapter.eval_loss:.4f} is not below the base model's {lora_adapter.base_eval_loss:.4f}")
+    return _result(
+        dg.AssetKey("lora_adapter"), "eval_loss_below_base", problems,
+        eval_loss=lora_adapter.eval_loss, base_eval_loss=lora_adapter.base_eval_loss,
+    )
+
+
+@dg.asset_check(asset="lora_adapter", name="loads_back", blocking=True)
+def adapter_loads_back(base_model: BaseModelResource, lora_adapter: AdapterArtifact) -> dg.AssetCheckResult:
+    """The saved adapter loads onto the base model with `PeftModel.from_pretrained` and holds the trained count."""
+    model, _ = base_model.load()
+    loaded = adapter_parameter_count(model, lora_adapter.path)
+    problems = [] if loaded == lora_adapter.trainable_parameters else [
+        f"{lora_adapter.path} holds {loaded:,} LoRA parameters, training reported {lora_adapter.trainable_parameters:,}"
+    ]
+    return _result(dg.AssetKey("lora_adapter"), "loads_back", problems, loaded_parameters=loaded, path=dg.MetadataValue.path(lora_adapter.path))
+
+
+training_checks = [adapter_losses_finite, adapter_beats_base_model, adapter_loads_back]

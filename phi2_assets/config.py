@@ -17,6 +17,7 @@ import pydantic
 from phi2_assets.profiles import PROFILE
 from phi2_assets.ml.cleaning import CleaningSettings
 from phi2_assets.ml.tokenization import TokenizeSettings
+from phi2_assets.ml.train import TrainSettings
 
 Settings = TypeVar("Settings")
 
@@ -50,5 +51,6 @@ def to_settings(settings_cls: type[Settings], config: dg.Config) -> Settings:
 
 CleaningConfig = config_class("CleaningConfig", CleaningSettings, PROFILE.cleaning, "Cleaning rules and sample caps")
 TokenizeConfig = config_class("TokenizeConfig", TokenizeSettings, PROFILE.tokenize, "Prompt template and sequence length")
+TrainConfig = config_class("TrainConfig", TrainSettings, PROFILE.train, "LoRA and optimizer settings of the adapter's training run")
 
 

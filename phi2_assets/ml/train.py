@@ -1,0 +1,400 @@
+"""LoRA fine-tuning of the base model with TRL's `SFTTrainer` on pre-tokenized prompt + summary sequences.
+
+The dataset comes from `tokenization.tokenize_dataset`: `input_ids` and `labels` with -100 on the prompt. TRL keeps a
+`labels` column as is, and its fused LM head projects only supervised positions, so the loss is on the summary alone.
+`train_lora` is a plain function: the asset calls it, and so do the benchmarks and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import resource
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from trl import SFTConfig, SFTTrainer
+
+from phi2_assets.ml.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+# The linear layers LoRA adapts, by `config.model_type`: every projection of attention and MLP.
+TARGET_MODULES_BY_ARCHITECTURE: dict[str, tuple[str, ...]] = {
+    "phi": ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"),
+    "gemma3_text": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+# bitsandbytes optimizers need CUDA; on CPU they fall back to this one.
+CPU_OPTIMIZER = "adamw_torch"
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+FINGERPRINT_FILE = "run_fingerprint.json"
+
+
+def _doc(text: str, default: object) -> object:
+    return dataclasses.field(default=default, metadata={"doc": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """Every knob of the LoRA run; the `phi2` profile holds the seed notebooks' values."""
+
+    lora_r: int = _doc("LoRA rank", 16)
+    lora_alpha: int = _doc("LoRA scaling numerator (scale = alpha / r)", 32)
+    lora_dropout: float = _doc("dropout on the LoRA input", 0.05)
+    target_modules: tuple[str, ...] = _doc("linear layers to adapt; empty = by architecture (Phi: q,k,v,dense,fc1,fc2; Gemma: q,k,v,o,gate,up,down)", ())
+    learning_rate: float = _doc("peak learning rate", 2e-4)
+    epochs: float = _doc("passes over the training split", 3.0)
+    max_steps: int | None = _doc("optimizer steps cap (overrides epochs); null = run every epoch", None)
+    per_device_batch_size: int = _doc("sequences per forward pass (training and evaluation)", 2)
+    gradient_accumulation_steps: int = _doc("forward passes per optimizer step", 8)
+    optimizer: str = _doc("transformers optimizer name; bitsandbytes ones (paged_/8bit) become adamw_torch on CPU", "paged_adamw_8bit")
+    lr_scheduler: str = _doc("learning-rate schedule after warm-up", "cosine")
+    warmup_ratio: float = _doc("share of the steps spent warming the learning rate up", 0.03)
+    gradient_checkpointing: bool = _doc("recompute activations in the backward pass: less memory, ~30% more compute", True)
+    padding_free: bool = _doc("concatenate a batch without padding (needs flash-attention for correct masking)", False)
+    bf16: bool = _doc("bf16 autocast where the model computes in bf16 (CUDA, CPUs with native bf16); off for an fp32 model", True)
+    logging_steps: int = _doc("optimizer steps between progress lines", 10)
+    eval_steps: int | None = _doc("optimizer steps between evaluations; null = evaluate at the end only", None)
+    save_steps: int = _doc("optimizer steps between checkpoints (a re-run with the same config resumes from the last)", 50)
+    seed: int = _doc("seed for LoRA initialisation and data order", 42)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.lora_r < 1:
+            problems.append(f"lora_r must be at least 1, got {self.lora_r}")
+        if self.lora_alpha <= 0:
+            problems.append(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not 0 < self.learning_rate < 1:
+            problems.append(f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        if self.epochs <= 0:
+            problems.append(f"epochs must be positive, got {self.epochs}")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"max_steps must be at least 1 (or null), got {self.max_steps}")
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            problems.append(f"eval_steps must be at least 1 (or null), got {self.eval_steps}")
+        if self.lr_scheduler not in SCHEDULERS:
+            problems.append(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterArtifact:
+    """The trained adapter: where it lies, what it was trained from, and how training went (the `lora_adapter` value)."""
+
+    path: str
+    base_model: str
+    target_modules: list[str]
+    lora_r: int
+    lora_alpha: int
+    trainable_parameters: int
+    total_parameters: int
+    steps: int
+    resumed_from_step: int
+    final_train_loss: float
+    mean_train_loss: float
+    eval_loss: float
+    base_eval_loss: float
+    tokens_seen: int
+    tokens_per_second: float
+    train_seconds: float
+    seconds_per_step: float
+    peak_memory_mb: float
+    peak_memory_kind: str
+    adapter_bytes: int
+    device: str
+    optimizer: str
+    train_loss_steps: list[int]
+    train_losses: list[float]
+    eval_loss_steps: list[int]
+    eval_losses: list[float]
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_parameters / self.total_parameters
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.eval_loss)
+
+    @property
+    def base_perplexity(self) -> float:
+        return math.exp(self.base_eval_loss)
+
+
+def target_modules_for(model: PreTrainedModel, settings: TrainSettings) -> tuple[str, ...]:
+    if settings.target_modules:
+        return settings.target_modules
+    model_type = model.config.model_type
+    if model_type not in TARGET_MODULES_BY_ARCHITECTURE:
+        raise ValueError(f"no default LoRA target modules for model_type {model_type!r}; set target_modules")
+    return TARGET_MODULES_BY_ARCHITECTURE[model_type]
+
+
+def expected_trainable_parameters(model: PreTrainedModel, target_modules: tuple[str, ...], rank: int) -> int:
+    """r x (in + out) per adapted linear layer. Raises when a target name matches no linear layer: PEFT would
+    silently adapt fewer layers than asked."""
+    expected, matched = 0, set()
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in target_modules and hasattr(module, "in_features") and hasattr(module, "out_features"):
+            expected += rank * (module.in_features + module.out_features)
+            matched.add(leaf)
+    missing = sorted(set(target_modules) - matched)
+    if missing:
+        raise ValueError(f"LoRA target modules {missing} match no linear layer of {type(model).__name__}")
+    return expected
+
+
+def resolve_optimizer(name: str, device: str) -> str:
+    """The rule: bitsandbytes optimizers (paged_*, *8bit) on CUDA only; on CPU plain AdamW."""
+    if device != "cuda" and ("8bit" in name or name.startswith("paged_")):
+        return CPU_OPTIMIZER
+    return name
+
+
+def content_fingerprint(*splits: datasets.Dataset) -> str:
+    """Hash of every sequence and label, so a checkpoint resumes only on the very data it was trained on."""
+    digest = hashlib.sha256()
+    for split in splits:
+        for ids, labels in zip(split["input_ids"], split["labels"]):
+            digest.update(np.asarray([len(ids)], np.int64).tobytes())
+            digest.update(np.asarray(ids, np.int64).tobytes())
+            digest.update(np.asarray(labels, np.int64).tobytes())
+    return digest.hexdigest()
+
+
+class ProgressCallback(TrainerCallback):
+    """One line every `logging_steps`: step, loss, learning rate, tokens/s, ETA; and one per evaluation."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.say = say
+        self.start: tuple[float, int, int] | None = None  # (time, step, tokens) at this session's first step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.start is None:  # on_train_begin fires before a checkpoint's state is restored
+            self.start = (time.monotonic(), state.global_step, state.num_input_tokens_seen)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" in logs and self.start is not None:
+            started, first_step, first_tokens = self.start
+            elapsed = time.monotonic() - started
+            done = max(state.global_step - first_step, 1)
+            eta = elapsed / done * (state.max_steps - state.global_step)
+            tokens_per_second = (state.num_input_tokens_seen - first_tokens) / max(elapsed, 1e-9)
+            self.say(
+                f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0.0):.2e}"
+                f"  {tokens_per_second:,.0f} tokens/s  ETA {eta / 60:.1f} min"
+            )
+        elif "eval_loss" in logs and state.global_step > 0:  # step 0 is the base model, reported by train_lora
+            self.say(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
+
+
+@contextlib.contextmanager
+def _supervised_positions_only_on_cpu() -> Iterator[None]:
+    """Make TRL's fused LM head project only positions with a label on CPU too.
+
+    TRL compacts to labelled positions only on Triton devices, because elsewhere a changing number of positions
+    recompiles XLA graphs; eager CPU has no such cost. With Gemma's 262k-word head and a prompt ten times longer
+    than the summary, scoring every position is most of a step.
+    """
+    import trl.trainer.utils as trl_utils
+
+    triton_only = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: device.type == "cpu" or triton_only(device)
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = triton_only
+
+
+def _sft_config(settings: TrainSettings, checkpoint_dir: Path, device: str, compute_bf16: bool) -> SFTConfig:
+    return SFTConfig(
+        output_dir=str(checkpoint_dir),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps or -1,
+        per_device_train_batch_size=settings.per_device_batch_size,
+        per_device_eval_batch_size=settings.per_device_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_ratio,  # a float below 1 is a share of the steps
+        optim=resolve_optimizer(settings.optimizer, device),
+        gradient_checkpointing=settings.gradient_checkpointing,
+        padding_free=settings.padding_free,
+        bf16=settings.bf16 and compute_bf16,
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if settings.eval_steps else "no",
+        eval_steps=settings.eval_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        seed=settings.seed,
+        # sequences are already cut to the tokenize step's max_length; TRL's default 1024 would cut summaries
+        max_length=None,
+        prediction_loss_only=True,  # evaluation needs the loss only: no full-vocabulary logits
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        report_to="none",
+        use_cpu=device != "cuda",
+        dataloader_pin_memory=device == "cuda",
+    )
+
+
+def _fingerprint(model: PreTrainedModel, settings: TrainSettings, train: datasets.Dataset, evaluation: datasets.Dataset) -> str:
+    identity = {"base_model": model.name_or_path, "settings": dataclasses.asdict(settings), "data": content_fingerprint(train, evaluation)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_lora(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train_dataset: datasets.Dataset,
+    eval_dataset: datasets.Dataset,
+    settings: TrainSettings,
+    output_dir: Path,
+    checkpoint_dir: Path,
+    on_log: Callable[[str], None] | None = None,
+) -> AdapterArtifact:
+    """Train a LoRA adapter on `model`, save it (adapter + tokenizer) atomically to `output_dir`, and give `model`
+    back as it was. Checkpoints go under `checkpoint_dir/<fingerprint of model, settings and data>`, so a re-run
+    after an interruption resumes only when nothing changed; they are deleted once the adapter is saved."""
+    say = on_log or log.info
+    device = model.device.type
+    columns = ["input_ids", "labels"]
+    train_dataset, eval_dataset = train_dataset.select_columns(columns), eval_dataset.select_columns(columns)
+    targets = target_modules_for(model, settings)
+    expected = expected_trainable_parameters(model, targets, settings.lora_r)
+    run_dir = Path(checkpoint_dir) / _fingerprint(model, settings, train_dataset, eval_dataset)
+    last_checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+    compute_bf16 = model.dtype == torch.bfloat16 or bool(getattr(model, "is_loaded_in_4bit", False))
+    config = _sft_config(settings, run_dir, device, compute_bf16)
+    optimizer = resolve_optimizer(settings.optimizer, device)
+    if optimizer != settings.optimizer:
+        say(f"optimizer {optimizer}: {settings.optimizer} needs CUDA (bitsandbytes)")
+
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    set_seed(settings.seed)  # LoRA A is initialised randomly
+    lora = LoraConfig(
+        r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    try:
+        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in peft_model.parameters())
+        if trainable != expected:
+            raise ValueError(f"LoRA trains {trainable:,} parameters, expected {expected:,} for {targets} at r={settings.lora_r}")
+        say(f"LoRA r={settings.lora_r} on {', '.join(targets)}: {trainable:,} trainable of {total:,} ({trainable / total:.2%})")
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        progress = ProgressCallback(say)
+        trainer = SFTTrainer(
+            model=peft_model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=tokenizer, callbacks=[progress],
+        )
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict; ProgressCallback says it in one line
+        with _supervised_positions_only_on_cpu():
+            base_eval_loss = trainer.evaluate()["eval_loss"]  # LoRA B starts at zero: this is the base model
+            say(f"base model eval loss {base_eval_loss:.4f}")
+            if last_checkpoint:
+                say(f"resuming from {last_checkpoint}: same base model, settings and data as the interrupted run")
+            else:
+                say(f"no checkpoint for this configuration under {run_dir}: training from step 0")
+            started = time.monotonic()
+            outcome = trainer.train(resume_from_checkpoint=last_checkpoint)
+            train_seconds = time.monotonic() - started
+            eval_loss = trainer.evaluate()["eval_loss"]
+        with atomic_path(Path(output_dir)) as staging:
+            peft_model.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+        say(f"adapter saved to {output_dir}")
+    finally:
+        _restore_base_model(peft_model, requires_grad)
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
+
+    state = trainer.state
+    resumed_step = int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else 0
+    train_points = [(entry["step"], entry["loss"]) for entry in state.log_history if "loss" in entry]
+    eval_points = [(entry["step"], entry["eval_loss"]) for entry in state.log_history if "eval_loss" in entry]
+    session_tokens = state.num_input_tokens_seen - (progress.start[2] if progress.start else 0)
+    return AdapterArtifact(
+        path=str(output_dir),
+        base_model=model.name_or_path,
+        target_modules=list(targets),
+        lora_r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        trainable_parameters=trainable,
+        total_parameters=total,
+        steps=state.global_step,
+        resumed_from_step=resumed_step,
+        final_train_loss=train_points[-1][1] if train_points else outcome.training_loss,
+        mean_train_loss=outcome.training_loss,
+        eval_loss=eval_loss,
+        base_eval_loss=base_eval_loss,
+        tokens_seen=int(state.num_input_tokens_seen),
+        tokens_per_second=session_tokens / max(train_seconds, 1e-9),
+        train_seconds=train_seconds,
+        seconds_per_step=train_seconds / max(state.global_step - resumed_step, 1),
+        peak_memory_mb=_peak_memory_mb(device),
+        peak_memory_kind="CUDA allocated" if device == "cuda" else "process peak RSS",
+        adapter_bytes=sum((Path(output_dir) / name).stat().st_size for name in ADAPTER_FILES),
+        device=device,
+        optimizer=optimizer,
+        train_loss_steps=[step for step, _ in train_points],
+        train_losses=[loss for _, loss in train_points],
+        eval_loss_steps=[step for step, _ in eval_points],
+        eval_losses=[loss for _, loss in eval_points],
+    )
+
+
+def adapter_parameter_count(model: PreTrainedModel, adapter_path: str) -> int:
+    """LoRA parameters of the adapter at `adapter_path` once loaded onto `model` with `PeftModel.from_pretrained`;
+    `model` is given back without the adapter."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    adapted = PeftModel.from_pretrained(model, adapter_path)
+    try:
+        return sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
+    finally:
+        _restore_base_model(adapted, requires_grad)
+
+
+def _restore_base_model(peft_model: PeftModel, requires_grad: dict[str, bool]) -> None:
+    """Undo what training did to the shared base model: LoRA layers (removed, not merged), TRL's fused-head
+    forward, activation checkpointing, the input-gradient hook, frozen parameters, train mode."""
+    base = peft_model.unload()
+    base.__dict__.pop("forward", None)  # TRL's fused LM head is an instance attribute over the class's forward
+    if base.is_activation_checkpointing:
+        base.activation_checkpointing_disable()
+    base.disable_input_require_grads()
+    for name, parameter in base.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
+    base.eval()
+
+
+def _peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB

