@@ -24,6 +24,8 @@ def test_data_graph_materializes_with_checks(materialize):
 def test_tokenized_values_are_loadable_arrow(materialize, defs):
     materialize("group:data")
     from phi2_assets.io_managers import _load_dataset_dict
+    from phi2_assets.assets.data import raw_key
+    from phi2_assets.ml.sources import XsumInputError
     from phi2_assets.profiles import data_dir
 
     tokenized = _load_dataset_dict(data_dir() / "assets" / "tokenized_xsum.arrow")
@@ -31,3 +33,28 @@ def test_tokenized_values_are_loadable_arrow(materialize, defs):
     row = tokenized["train"][0]
     assert len(row["input_ids"]) == len(row["labels"])
     assert row["labels"][: row["prompt_tokens"]] == [-100] * row["prompt_tokens"]
+
+
+def test_user_xsum_dir_with_a_bad_line_fails_cleanly_and_keeps_the_last_value(defs, instance, materialize, tmp_path):
+    import dagster as dg
+    import pytest
+
+    from phi2_assets.assets.data import raw_key
+    from phi2_assets.profiles import data_dir
+    from phi2_assets.resources import XsumSource
+
+    raw_only = dg.AssetSelection.keys(*(raw_key(split) for split in SPLITS))
+    materialize(raw_only)  # a good value exists first
+    stored = data_dir() / "assets" / "raw_xsum" / "train.parquet"
+    before = stored.read_bytes()
+    good = '{"id": "1", "document": "A council in Leeds met.", "summary": "It met."}\n'
+    (tmp_path / "train.jsonl").write_text(good + '{"id": "2", "document": "broken\n')
+    for split in ("validation", "test"):
+        (tmp_path / f"{split}.jsonl").write_text(good.replace('"1"', f'"{split}"'))
+    resources = {**defs.resources, "xsum_source": XsumSource(kind="dir", directory=str(tmp_path))}
+    with pytest.raises(XsumInputError) as error:
+        dg.materialize([*defs.assets], selection=raw_only, resources=resources, instance=instance)
+    message = str(error.value)
+    assert f"{tmp_path / 'train.jsonl'}, line 2: malformed JSON" in message
+    assert stored.read_bytes() == before
+    assert not list(stored.parent.glob(".*.tmp"))

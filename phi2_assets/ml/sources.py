@@ -57,7 +57,7 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 row = json.loads(text)
             except json.JSONDecodeError as error:
-                raise XsumInputError(path, number, f"malformed JSON ({error.msg} at column {error.colno})") from None
+                raise XsumInputError(path, number, f"malformed JSON: {error.msg} (column {error.colno})") from None
             records.append(_validated(row, path, number))
     return records
 
