@@ -1,10 +1,17 @@
 """The data graph materialized for real on the tiny profile."""
 
-from phi2_assets.ml.sources import SPLITS
+import dagster as dg
+import pytest
+
+from phi2_assets.assets.data import raw_key
+from phi2_assets.io_managers import _load_dataset_dict
+from phi2_assets.ml.sources import SPLITS, XsumInputError
+from phi2_assets.profiles import data_dir
+from phi2_assets.resources import XsumSource
 from phi2_assets_tests.conftest import check_results, materializations
 
 
-def test_data_graph_materializes_with_checks(materialize):
+def test_data_graph_materializes_with_checks_and_arrow_values(materialize):
     result = materialize("group:data")
     assert result.success
     metadata = materializations(result)
@@ -20,14 +27,6 @@ def test_data_graph_materializes_with_checks(materialize):
     checks = check_results(result)
     assert len(checks) == 7 and all(checks.values()), checks
 
-
-def test_tokenized_values_are_loadable_arrow(materialize, defs):
-    materialize("group:data")
-    from phi2_assets.io_managers import _load_dataset_dict
-    from phi2_assets.assets.data import raw_key
-    from phi2_assets.ml.sources import XsumInputError
-    from phi2_assets.profiles import data_dir
-
     tokenized = _load_dataset_dict(data_dir() / "assets" / "tokenized_xsum.arrow")
     assert set(tokenized) == {"train", "validation"}
     row = tokenized["train"][0]
@@ -36,13 +35,6 @@ def test_tokenized_values_are_loadable_arrow(materialize, defs):
 
 
 def test_user_xsum_dir_with_a_bad_line_fails_cleanly_and_keeps_the_last_value(defs, instance, materialize, tmp_path):
-    import dagster as dg
-    import pytest
-
-    from phi2_assets.assets.data import raw_key
-    from phi2_assets.profiles import data_dir
-    from phi2_assets.resources import XsumSource
-
     raw_only = dg.AssetSelection.keys(*(raw_key(split) for split in SPLITS))
     materialize(raw_only)  # a good value exists first
     stored = data_dir() / "assets" / "raw_xsum" / "train.parquet"
