@@ -120,7 +120,20 @@ def load_model(spec: ModelSpec, model_dir: str, precision: Precision) -> PreTrai
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.generation_config.eos_token_id
+    fuse_tanh_gelu(model)
     return model
+
+
+def fuse_tanh_gelu(model: PreTrainedModel) -> None:
+    """Swap Phi's `gelu_new` (the tanh GELU as eight elementwise ops, each kept for the backward pass) for
+    `F.gelu(approximate="tanh")`, the same function in one kernel: on the H200 a phi-2 QLoRA step ran 21% faster
+    with 29% less activation memory (docs/BENCHMARKS.md, GPU section)."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, GELUTanh())
 
 
 def ensure_gguf_conversion(cache_dir: Path) -> Path:
