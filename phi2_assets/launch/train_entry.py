@@ -106,10 +106,12 @@ def run_job(job: TrainingJob, on_log: Callable[[str], None] | None) -> AdapterAr
             shutil.rmtree(output_dir, ignore_errors=True)
 
 
-def launch_facts() -> dict[str, object]:
-    """How the run was spread, for the materialization's metadata."""
+def launch_facts(job: TrainingJob) -> dict[str, object]:
+    """How the run was spread, for the materialization's metadata; the precision is the ranks' own (the
+    orchestrator may have no GPU, e.g. on Kubernetes)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return {
+        "precision": models.choose_precision(job.model_spec().load_in_4bit).reason,
         "launcher": "accelerate launch",
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "distributed_backend": torch.distributed.get_backend() if distributed else "none",
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         job = TrainingJob(**json.loads(args.job.read_text()))
         artifact = run_job(job, functools.partial(print, flush=True) if rank() == 0 else None)
         if rank() == 0 and args.result:
-            args.result.write_text(json.dumps({**dataclasses.asdict(artifact), **launch_facts()}, indent=2))
+            args.result.write_text(json.dumps({**dataclasses.asdict(artifact), **launch_facts(job)}, indent=2))
     elif rank() != 0:
         run_job(TrainingJob(**read_pipes_extras()), on_log=None)
     else:
@@ -143,9 +145,10 @@ def main(argv: list[str] | None = None) -> None:
         from dagster_pipes import open_dagster_pipes
 
         with open_dagster_pipes() as pipes:
-            artifact = run_job(TrainingJob(**pipes.extras), pipes.log.info)
+            job = TrainingJob(**pipes.extras)
+            artifact = run_job(job, pipes.log.info)
             pipes.report_custom_message({ARTIFACT_MESSAGE: dataclasses.asdict(artifact)})
-            pipes.report_asset_materialization(metadata=launch_facts())
+            pipes.report_asset_materialization(metadata=launch_facts(job))
 
 
 if __name__ == "__main__":
