@@ -7,6 +7,7 @@ import datasets
 import pandas as pd
 
 from phi2_assets.assets.data import TRAINING_SPLITS, cleaned_key, raw_key
+from phi2_assets.ml.reports import RougeReport
 from phi2_assets.ml.sources import COLUMNS, SPLITS
 from phi2_assets.ml.tokenization import IGNORE_INDEX, PromptEncoder
 from phi2_assets.ml.train import AdapterArtifact, adapter_parameter_count
@@ -124,3 +125,43 @@ def adapter_loads_back(base_model: BaseModelResource, lora_adapter: AdapterArtif
 
 
 training_checks = [adapter_losses_finite, adapter_beats_base_model, adapter_loads_back]
+
+
+MIN_SUCCESS_RATE = 0.99
+
+
+def generation_success(key: dg.AssetKey, frame: pd.DataFrame, minimum: float = MIN_SUCCESS_RATE) -> dg.AssetCheckResult:
+    """Share of rows with status `ok` (a non-empty first line) against `minimum`; the seed's run had 10%."""
+    rate = float((frame["status"] == "ok").mean()) if len(frame) else 0.0
+    counts = frame["status"].value_counts().to_dict()
+    problems = [] if rate >= minimum else [f"success rate {rate:.1%} < {minimum:.0%} ({counts})"]
+    errors = frame.loc[frame["status"] == "error", "error"]
+    return dg.AssetCheckResult(
+        asset_key=key, check_name="generation_success_rate", passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
+        description="; ".join(problems) if problems else "ok",
+        metadata={"success_rate": round(rate, 4), "rows": len(frame), "empty": int(counts.get("empty", 0)),
+                  "errors": int(counts.get("error", 0)), "first_error": errors.iloc[0] if len(errors) else ""},
+    )
+
+
+def _success_rate_check(asset: str) -> dg.AssetChecksDefinition:
+    @dg.asset_check(asset=asset, name="generation_success_rate", blocking=True)
+    def check(frame: pd.DataFrame) -> dg.AssetCheckResult:
+        """At least 99% of the rows hold a non-empty summary: a report over failed generations is meaningless."""
+        return generation_success(dg.AssetKey(asset), frame)
+
+    return check
+
+
+@dg.asset_check(asset="rouge_report", name="finetuned_rougeL_not_below_baseline")
+def finetuned_rougeL_not_below_baseline(rouge_report: RougeReport) -> dg.AssetCheckResult:
+    """The adapter should not make summaries worse than the zero-shot model (a warning: small runs are noisy)."""
+    baseline, finetuned = rouge_report.baseline["rougeL"], rouge_report.finetuned["rougeL"]
+    return dg.AssetCheckResult(
+        passed=finetuned >= baseline, severity=dg.AssetCheckSeverity.WARN,
+        description="ok" if finetuned >= baseline else f"fine-tuned ROUGE-L {finetuned:.4f} < zero-shot {baseline:.4f}",
+        metadata={"baseline_rougeL": round(baseline, 4), "finetuned_rougeL": round(finetuned, 4)},
+    )
+
+
+evaluation_checks = [_success_rate_check("baseline_summaries"), _success_rate_check("finetuned_summaries"), finetuned_rougeL_not_below_baseline]

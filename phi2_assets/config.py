@@ -16,6 +16,7 @@ import pydantic
 
 from phi2_assets.profiles import PROFILE
 from phi2_assets.ml.cleaning import CleaningSettings
+from phi2_assets.ml.generate import EvaluationSetSettings, GenerationSettings, TemplateComparisonSettings
 from phi2_assets.ml.tokenization import TokenizeSettings
 from phi2_assets.ml.train import TrainSettings
 
@@ -53,6 +54,9 @@ def to_settings(settings_cls: type[Settings], config: dg.Config) -> Settings:
 
 CleaningConfig = config_class("CleaningConfig", CleaningSettings, PROFILE.cleaning, "Cleaning rules and sample caps")
 TokenizeConfig = config_class("TokenizeConfig", TokenizeSettings, PROFILE.tokenize, "Prompt template and sequence length")
+EvaluationSetConfig = config_class("EvaluationSetConfig", EvaluationSetSettings, PROFILE.evaluation_set, "Which cleaned rows are evaluated")
+SummariesConfig = config_class("SummariesConfig", GenerationSettings, PROFILE.generation, "Decoding of the evaluation summaries")
+TemplateComparisonConfig = config_class("TemplateComparisonConfig", TemplateComparisonSettings, PROFILE.template_comparison, "Templates compared zero-shot")
 TrainConfig = config_class("TrainConfig", TrainSettings, PROFILE.train, "LoRA and optimizer settings of the adapter's training run")
 
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from phi2_assets.ml.cleaning import CleaningSettings
+from phi2_assets.ml.generate import EvaluationSetSettings, GenerationSettings, TemplateComparisonSettings
 from phi2_assets.ml.models import ModelSpec
 from phi2_assets.ml.tokenization import TokenizeSettings
 from phi2_assets.ml.train import TrainSettings
@@ -40,6 +41,9 @@ class Profile:
     cleaning: CleaningSettings
     tokenize: TokenizeSettings
     train: TrainSettings
+    evaluation_set: EvaluationSetSettings
+    generation: GenerationSettings
+    template_comparison: TemplateComparisonSettings
 
 
 PROFILES: dict[str, Profile] = {
@@ -55,6 +59,10 @@ PROFILES: dict[str, Profile] = {
             epochs=1, per_device_batch_size=4, gradient_accumulation_steps=1, optimizer="adamw_torch",
             lr_scheduler="linear", warmup_ratio=0.05, gradient_checkpointing=False, logging_steps=5, save_steps=25,
         ),
+        # the held-out test part; prompts fit the 512-token training length; sized for the 15-minute graph
+        evaluation_set=EvaluationSetSettings(split="test", samples=60),
+        generation=GenerationSettings(max_new_tokens=48, batch_size=8, max_prompt_tokens=448),
+        template_comparison=TemplateComparisonSettings(samples=8),
     ),
     "tiny": Profile(
         name="tiny",
@@ -68,6 +76,9 @@ PROFILES: dict[str, Profile] = {
             gradient_accumulation_steps=1, optimizer="adamw_torch", lr_scheduler="constant", warmup_ratio=0.0,
             gradient_checkpointing=False, logging_steps=1, eval_steps=2, save_steps=2,
         ),
+        evaluation_set=EvaluationSetSettings(split="test", samples=8),
+        generation=GenerationSettings(max_new_tokens=16, batch_size=4, max_prompt_tokens=192),
+        template_comparison=TemplateComparisonSettings(samples=4),
     ),
     "phi2": Profile(
         name="phi2",
@@ -81,6 +92,9 @@ PROFILES: dict[str, Profile] = {
             gradient_accumulation_steps=8, optimizer="paged_adamw_8bit", lr_scheduler="cosine", warmup_ratio=0.03,
             gradient_checkpointing=True, bf16=True, logging_steps=10, eval_steps=50, save_steps=50,
         ),
+        evaluation_set=EvaluationSetSettings(split="validation", samples=500),
+        generation=GenerationSettings(max_new_tokens=60, num_beams=1, batch_size=0, max_prompt_tokens=1_066),
+        template_comparison=TemplateComparisonSettings(samples=50),
     ),
 }
 

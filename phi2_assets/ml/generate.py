@@ -14,15 +14,17 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from phi2_assets.ml import models
-from phi2_assets.ml.prompts import split_template
+from phi2_assets.ml.prompts import TEMPLATES, split_template
 from phi2_assets.ml.tokenization import encode_prompts
 
 log = logging.getLogger(__name__)
 STATUSES = ("ok", "empty", "error")
+EVALUATION_SPLITS = ("validation", "test")
 CACHE_KINDS = ("dynamic", "static")
 # How a newline looks inside vocabulary entries: raw (SentencePiece, Gemma), byte-level BPE (GPT-2, Phi), byte fallback.
 _NEWLINE_SPELLINGS = ("\n", "Ċ", "<0x0A>")
@@ -34,6 +36,38 @@ _CPU_BATCH = 8
 
 def _doc(text: str, default: object) -> object:
     return dataclasses.field(default=default, metadata={"doc": text})
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSetSettings:
+    """Which cleaned rows every evaluation asset uses; the defaults are the seed's 500 validation samples."""
+
+    split: str = _doc("cleaned split to evaluate: validation or test (never train)", "validation")
+    samples: int | None = _doc("the split's first N rows; null = every row", 500)
+
+    def __post_init__(self) -> None:
+        if self.split not in EVALUATION_SPLITS:
+            raise ValueError(f"split must be one of {EVALUATION_SPLITS}, got {self.split!r}")
+        if self.samples is not None and self.samples < 1:
+            raise ValueError(f"samples must be at least 1 (or null for every row), got {self.samples}")
+
+    def select(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The evaluation rows of the split's cleaned frame, in its order."""
+        return frame.head(self.samples if self.samples is not None else len(frame)).reset_index(drop=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateComparisonSettings:
+    """Zero-shot comparison of prompt templates (the seed's prompt-engineering notebook)."""
+
+    templates: tuple[str, ...] = _doc("templates to compare, by name", tuple(TEMPLATES))
+    samples: int = _doc("evaluation rows per template (the first N)", 50)
+
+    def __post_init__(self) -> None:
+        for template in self.templates:
+            split_template(template)
+        if not self.templates or self.samples < 1:
+            raise ValueError("name at least one template and at least one sample")
 
 
 @dataclasses.dataclass(frozen=True)
