@@ -1,11 +1,10 @@
 """The data graph materialized for real on the tiny profile."""
 
 import dagster as dg
-import pytest
 
 from phi2_assets.assets.data import raw_key
 from phi2_assets.io_managers import _load_dataset_dict
-from phi2_assets.ml.sources import SPLITS, XsumInputError
+from phi2_assets.ml.sources import SPLITS
 from phi2_assets.profiles import data_dir
 from phi2_assets.resources import XsumSource
 from phi2_assets_tests.conftest import check_results, materializations
@@ -44,9 +43,10 @@ def test_user_xsum_dir_with_a_bad_line_fails_cleanly_and_keeps_the_last_value(de
     for split in ("validation", "test"):
         (tmp_path / f"{split}.jsonl").write_text(good.replace('"1"', f'"{split}"'))
     resources = {**defs.resources, "xsum_source": XsumSource(kind="dir", directory=str(tmp_path))}
-    with pytest.raises(XsumInputError) as error:
-        dg.materialize([*defs.assets], selection=raw_only, resources=resources, instance=instance)
-    message = str(error.value)
-    assert f"{tmp_path / 'train.jsonl'}, line 2: malformed JSON" in message
+    result = dg.materialize([*defs.assets], selection=raw_only, resources=resources, instance=instance, raise_on_error=False)
+    failure = result.failure_data_for_node("raw_xsum")
+    assert not result.success and failure.user_failure_data.metadata["error"].value == "XsumInputError"
+    assert f"{tmp_path / 'train.jsonl'}, line 2: malformed JSON" in failure.user_failure_data.description
+    assert len([e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]) == 0
     assert stored.read_bytes() == before
     assert not list(stored.parent.glob(".*.tmp"))

@@ -10,7 +10,7 @@ NO_CAPS = CleaningSettings(train_samples=None, validation_samples=None, test_sam
 
 
 def frame(*rows):
-    return pd.DataFrame([{"id": r[0], "document": r[1], "summary": r[2]} for r in rows]).astype("string")
+    return pd.DataFrame([{"id": r[0], "document": r[1], "summary": r[2]} for r in rows], columns=["id", "document", "summary"]).astype("string")
 
 
 def splits(train=(), validation=(), test=()):
@@ -62,3 +62,10 @@ def test_sample_caps_keep_the_first_rows():
                           CleaningSettings(train_samples=4, validation_samples=None, test_samples=None))
     assert result.frames["train"]["id"].tolist() == ["1", "2", "3", "4"]  # "0" leaked into validation
     assert result.drops["train"]["over_sample_cap"] == 5
+
+
+def test_null_summary_and_huge_document_are_documented_drops():
+    rows = frame(("null", DOC, None), ("huge", "word " * 100_000, SUMMARY), ("ok", DOC, SUMMARY))
+    result = clean_splits({"train": rows, "validation": frame(), "test": frame()}, NO_CAPS)
+    assert result.frames["train"]["id"].tolist() == ["ok"]
+    assert result.drops["train"]["empty_summary"] == 1 and result.drops["train"]["long_document"] == 1

@@ -41,12 +41,14 @@ def test_short_article_is_whole_and_matches_the_generation_prompt(tokenizer):
 
 
 def test_summary_that_cannot_fit_is_dropped_not_cut(tokenizer):
-    encoded, dropped = tokenize_dataset(rows("The council met.", "word " * 200), tokenizer, TokenizeSettings(max_length=64))
+    encoded, dropped = tokenize_dataset(rows("The council met.", "word " * 200), tokenizer, TokenizeSettings(max_length=96))
     assert len(encoded) == 0 and dropped == 1
 
 
-def test_settings_reject_impossible_values():
+def test_settings_reject_impossible_values(tokenizer):
     with pytest.raises(ValueError, match="unknown prompt template"):
         TokenizeSettings(template="nope")
-    with pytest.raises(ValueError, match="max_length"):
-        TokenizeSettings(max_length=8)
+    with pytest.raises(ValueError, match="max_length must be a positive"):
+        TokenizeSettings(max_length=0)
+    with pytest.raises(ValueError, match=r"max_length 24 is below what the 'seed' prompt needs"):
+        tokenize_dataset(rows("The council met.", "It met."), tokenizer, TokenizeSettings(max_length=24))

@@ -16,7 +16,7 @@ from phi2_assets.ml.cleaning import CleaningSettings, clean_splits, word_counts
 from phi2_assets.ml.sources import SPLITS
 from phi2_assets.ml.tokenization import TokenizeSettings, token_stats, tokenize_dataset
 from phi2_assets.profiles import PROFILE
-from phi2_assets.resources import BaseModelResource, XsumSource
+from phi2_assets.resources import HUB_RETRY_POLICY, BaseModelResource, XsumSource, fail_without_retry
 
 TRAINING_SPLITS = ("train", "validation")
 OWNERS = ["team:ml-platform"]
@@ -42,10 +42,12 @@ def cleaned_key(split: str) -> dg.AssetKey:
         for split in SPLITS
     },
     group_name="data",
+    retry_policy=HUB_RETRY_POLICY,
 )
 def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
     """Read the three XSum splits from the profile's source (packaged sample, the user's files, or the hub)."""
-    frames = xsum_source.load()
+    with fail_without_retry():
+        frames = xsum_source.load()
     for split in SPLITS:
         frame = frames[split]
         yield dg.Output(
@@ -77,7 +79,8 @@ def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
 )
 def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_train: pd.DataFrame, raw_validation: pd.DataFrame, raw_test: pd.DataFrame):
     """Clean all splits together: leakage between splits is only visible with every split in hand."""
-    settings = to_settings(CleaningSettings, config)
+    with fail_without_retry():
+        settings = to_settings(CleaningSettings, config)
     result = clean_splits({"train": raw_train, "validation": raw_validation, "test": raw_test}, settings)
     for split in SPLITS:
         frame = result.frames[split]
@@ -105,6 +108,7 @@ def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_
     kinds={"huggingface", "arrow"},
     owners=OWNERS,
     code_version="1",
+    retry_policy=HUB_RETRY_POLICY,
 )
 def tokenized_xsum(
     context: dg.AssetExecutionContext, config: TokenizeConfig, base_model: BaseModelResource,
@@ -114,8 +118,9 @@ def tokenized_xsum(
 
     The article is truncated so each sequence fits `max_length`; the summary never is.
     """
-    settings = to_settings(TokenizeSettings, config)
-    tokenizer = base_model.tokenizer()
+    with fail_without_retry():
+        settings = to_settings(TokenizeSettings, config)
+        tokenizer = base_model.tokenizer()
     splits, figures_by_split, metadata = {}, {}, {}
     for split, frame in (("train", cleaned_train), ("validation", cleaned_validation)):
         rows = datasets.Dataset.from_pandas(frame, preserve_index=False)

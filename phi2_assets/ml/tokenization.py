@@ -19,6 +19,7 @@ from phi2_assets.ml.prompts import split_template
 IGNORE_INDEX = -100
 # An article keeps at least this many tokens, or the row is dropped as `summary_too_long`.
 MIN_ARTICLE_TOKENS = 16
+MIN_SUMMARY_TOKENS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,8 +31,8 @@ class TokenizeSettings:
 
     def __post_init__(self) -> None:
         split_template(self.template)  # raises for an unknown template
-        if self.max_length < 64:
-            raise ValueError(f"max_length must be at least 64 tokens, got {self.max_length}")
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be a positive number of tokens, got {self.max_length}")
         if self.num_proc < 1 or self.batch_size < 1:
             raise ValueError("num_proc and batch_size must be at least 1")
 
@@ -95,8 +96,20 @@ def tokenize_batch(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase, t
     return out
 
 
+def check_room_for_prompt(tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings) -> None:
+    """Fail before any work when `max_length` cannot hold the template, some article and a summary."""
+    fixed = PromptEncoder.create(tokenizer, settings.template).fixed_length
+    needed = fixed + MIN_ARTICLE_TOKENS + MIN_SUMMARY_TOKENS
+    if settings.max_length < needed:
+        raise ValueError(
+            f"max_length {settings.max_length} is below what the {settings.template!r} prompt needs: {fixed} template "
+            f"tokens + {MIN_ARTICLE_TOKENS} article tokens + {MIN_SUMMARY_TOKENS} summary tokens = {needed}"
+        )
+
+
 def tokenize_dataset(frame_rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings) -> tuple[datasets.Dataset, int]:
     """Tokenize a split; returns the training rows and how many were dropped because the summary could not fit."""
+    check_room_for_prompt(tokenizer, settings)
     encoded = frame_rows.map(
         tokenize_batch,
         batched=True,
