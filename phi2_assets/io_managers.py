@@ -16,6 +16,7 @@ import datasets
 import pandas as pd
 
 from phi2_assets.ml.atomic import atomic_path
+from phi2_assets.profiles import inside_data_dir
 
 RECORD_TYPE_FIELD = "__record_type__"
 
@@ -24,6 +25,9 @@ class Phi2IOManager(dg.ConfigurableIOManager):
     """Stores DataFrames, `datasets.DatasetDict`s and dataclass records under `base_dir`."""
 
     base_dir: str
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        inside_data_dir(self.base_dir, "Phi2IOManager.base_dir")
 
     def _base(self, key: dg.AssetKey) -> Path:
         return Path(self.base_dir).joinpath(*key.path)

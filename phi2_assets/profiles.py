@@ -116,4 +116,13 @@ def data_dir() -> Path:
     return Path(os.environ.get(DATA_DIR_ENV) or Path.cwd() / "data").resolve()
 
 
+def inside_data_dir(path: str | Path, setting: str) -> Path:
+    """`path` resolved (links and `..` included), refused unless it lies inside the data dir: config never
+    makes the pipeline write elsewhere."""
+    resolved, root = Path(path).resolve(), data_dir()
+    if not resolved.is_relative_to(root):
+        raise ValueError(f"{setting}={path!s} resolves to {resolved}, outside the data dir {root} ({DATA_DIR_ENV})")
+    return resolved
+
+
 PROFILE = active_profile()

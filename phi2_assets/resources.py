@@ -15,7 +15,7 @@ import pandas as pd
 from pydantic import PrivateAttr
 
 from phi2_assets.ml import models, sources
-from phi2_assets.profiles import HUB_TOKEN_ENV, PROFILE, data_dir
+from phi2_assets.profiles import HUB_TOKEN_ENV, PROFILE, data_dir, inside_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,7 @@ class BaseModelResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         # Validate the settings before anything loads; a bad source fails here with a clear message.
+        inside_data_dir(self.cache_dir, "BaseModelResource.cache_dir")
         self._spec = models.ModelSpec(
             source=self.source, name_or_path=self.name_or_path, revision=self.revision,
             load_in_4bit=self.load_in_4bit, hub_token=self.hub_token,
