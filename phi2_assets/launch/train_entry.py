@@ -149,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
             artifact = run_job(job, pipes.log.info)
             pipes.report_custom_message({ARTIFACT_MESSAGE: dataclasses.asdict(artifact)})
             pipes.report_asset_materialization(metadata=launch_facts(job))
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # every rank leaves together, and at once
 
 
 if __name__ == "__main__":
