@@ -1,0 +1,322 @@
+"""Issue 7's GPU benchmark: the seed's QLoRA recipe against the best one found, a 16 GiB one, and generation.
+
+Everything runs through the project's own code: the phi-2-shaped random model (bench/phi2_shape.py) is saved as
+safetensors and loaded by `models.load_model` in 4-bit NF4, trained by `train.train_lora` and sampled by
+`generate.generate_summaries` (4-bit + LoRA through `generate.adapted`, merged bf16 through
+`generate.load_merged_bf16`). Training data: XSum-shaped token rows, the same rows in the same order for every
+recipe, a fixed number of optimizer steps of 16 sequences each.
+
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=/tmp/site:. python3 bench/gpu_benchmark.py
+
+Writes $OUT/h200.json (issue 7's keys + environment), $OUT/h200-details.json and prints a table last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import re
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench import gpu_metrics
+from bench.phi2_shape import EOS_ID, save_phi2_shape, synthetic_articles, synthetic_tokenized_xsum
+from phi2_assets.ml import generate, models
+from phi2_assets.ml.train import TrainSettings, train_lora
+
+OUT = Path(os.environ.get("OUT", "/tmp/bench-out"))
+WORK = Path(os.environ.get("BENCH_DIR", "/tmp/bench"))
+STEPS = 8  # optimizer steps per recipe, 16 sequences each
+EFFECTIVE_BATCH = 16
+LEAN_CARD_GIB = 15.0  # what a 16 GB card (T4) leaves to PyTorch's allocator
+SEQUENTIAL_ARTICLES, UNMERGED_ARTICLES, MERGED_ARTICLES = 3, 256, 500
+PROGRESS = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.]+).*?([\d,]+) tokens/s")
+
+SEED = TrainSettings(max_steps=STEPS, logging_steps=1, save_steps=100_000, eval_steps=None)
+RECIPES: dict[str, TrainSettings] = {
+    "seed": SEED,  # micro-batch 2 x grad-accum 8, dynamic padding, paged AdamW 8-bit, checkpointing
+    "best": dataclasses.replace(SEED, per_device_batch_size=16, gradient_accumulation_steps=1, gradient_checkpointing=False, padding_free=True),
+    "best_8x2": dataclasses.replace(SEED, per_device_batch_size=8, gradient_accumulation_steps=2, gradient_checkpointing=False, padding_free=True),
+    "lean": dataclasses.replace(SEED, per_device_batch_size=16, gradient_accumulation_steps=1, gradient_checkpointing=True, padding_free=True),
+}
+details: dict = {"steps": STEPS, "effective_batch": EFFECTIVE_BATCH, "peak_bf16_flops_used": gpu_metrics.PEAK_BF16_FLOPS}
+
+
+class PhaseTimeout(BaseException):
+    """Raised by the alarm; a BaseException so that no `except Exception` retry loop swallows it."""
+
+
+def _alarm(signum, frame):
+    raise PhaseTimeout()
+
+
+def phase(name: str, seconds: int, fn: Callable[[], object]) -> object:
+    """Run one part under a time limit; a failure is recorded and the run goes on."""
+    print(f"--- {name} (limit {seconds} s)", flush=True)
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(seconds)
+    started = time.perf_counter()
+    try:
+        return fn()
+    except (Exception, PhaseTimeout) as error:  # noqa: BLE001
+        traceback.print_exc()
+        details.setdefault("errors", {})[name] = f"{type(error).__name__}: {error}"[:600]
+        return None
+    finally:
+        signal.alarm(0)
+        details.setdefault("phase_seconds", {})[name] = round(time.perf_counter() - started, 1)
+        write_figures()  # after every part: a run cut short still leaves its figures
+        free_memory()
+
+
+def save_details() -> None:
+    (OUT / "h200-details.json").write_text(json.dumps(details, indent=1, default=str))
+
+
+def free_memory() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def gib(value: float) -> float:
+    return round(value / 2**30, 2)
+
+
+def use_activation(model, fused: bool) -> None:
+    """Phi-2 as published computes `gelu_new` in eight ops; the loader fuses it. The seed recipe gets it back."""
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    for layer in model.model.layers:
+        layer.mlp.activation_fn = GELUTanh() if fused else NewGELUActivation()
+
+
+def check_packed_equals_padded(model, rows) -> dict:
+    """Padding-free batches rely on transformers turning position_ids into a block-diagonal mask under SDPA
+    (TRL documents flash-attention only): the same sequences padded and packed must give the same log-probs."""
+    sequences = [torch.tensor(ids) for ids in rows["input_ids"][:8]]
+    longest = max(len(s) for s in sequences)
+    padded = torch.full((len(sequences), longest), EOS_ID)
+    mask = torch.zeros_like(padded)
+    for row, ids in enumerate(sequences):
+        padded[row, : len(ids)], mask[row, : len(ids)] = ids, 1
+    with torch.inference_mode():
+        padded_logits = model(input_ids=padded.cuda(), attention_mask=mask.cuda()).logits.float()
+        packed = torch.cat(sequences)[None].cuda()
+        positions = torch.cat([torch.arange(len(s)) for s in sequences])[None].cuda()
+        packed_logits = model(input_ids=packed, position_ids=positions).logits.float()[0]
+    worst, offset = 0.0, 0
+    for row, ids in enumerate(sequences):
+        a = torch.log_softmax(padded_logits[row, : len(ids)], -1)
+        b = torch.log_softmax(packed_logits[offset : offset + len(ids)], -1)
+        worst = max(worst, float((a - b).abs().max()))
+        offset += len(ids)
+    return {"max_abs_logprob_diff": round(worst, 4), "sequences": len(sequences), "equal_within_bf16": worst < 0.25}
+
+
+def steady_rate(lines: list[tuple[float, str]], tokens_seen: int) -> dict:
+    """Tokens/s after the first optimizer step, from the progress lines' timestamps and cumulative rates.
+
+    A line k says rate_k = tokens_k / (t_k - start); the last one's tokens are the run's total, which fixes
+    `start`; then tokens_1 follows, and the steady rate is (tokens_N - tokens_1) / (t_N - t_1).
+    """
+    points = [(t, int(m[1]), float(m[3]), float(m[4].replace(",", ""))) for t, text in lines if (m := PROGRESS.search(text))]
+    if len(points) < 3:
+        return {}
+    t_first, _, _, rate_first = points[0]
+    t_last, _, _, rate_last = points[-1]
+    start = t_last - tokens_seen / rate_last
+    tokens_first = rate_first * (t_first - start)
+    return {
+        "steady_tok_s": (tokens_seen - tokens_first) / (t_last - t_first),
+        "first_step_s": t_first - start,
+        "losses": [loss for _, _, loss, _ in points],
+    }
+
+
+def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, evaluation, flops_per_token: float) -> dict:
+    use_activation(model, fused=name != "seed")
+    lines: list[tuple[float, str]] = []
+
+    def on_log(text: str) -> None:
+        lines.append((time.monotonic(), text))
+        print(f"[{name}] {text}", flush=True)
+
+    capped = name == "lean"
+    total = torch.cuda.get_device_properties(0).total_memory
+    if capped:  # a real 16 GB card's limit: any step that needs more fails with out-of-memory
+        torch.cuda.set_per_process_memory_fraction(LEAN_CARD_GIB * 2**30 / total)
+    try:
+        artifact = train_lora(model, tokenizer, train, evaluation, settings, WORK / f"adapter-{name}", WORK / "checkpoints", on_log)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        use_activation(model, fused=True)
+    steady = steady_rate(lines, artifact.tokens_seen)
+    tok_s = steady.get("steady_tok_s", artifact.tokens_per_second)
+    result = {
+        "settings": {k: getattr(settings, k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free", "optimizer")},
+        "fused_gelu": name != "seed",
+        "tok_s": round(tok_s),
+        "tok_s_end_to_end": round(artifact.tokens_per_second),
+        "first_step_s": round(steady.get("first_step_s", float("nan")), 2),
+        "mfu": round(gpu_metrics.mfu(flops_per_token * tok_s, 1.0), 3),
+        "peak_mem_gib": round(artifact.peak_memory_mb / 1024, 2),
+        "memory_cap_gib": LEAN_CARD_GIB if capped else None,
+        "steps": artifact.steps,
+        "tokens_seen": artifact.tokens_seen,
+        "train_losses": [round(x, 4) for x in artifact.train_losses],
+        "final_train_loss": round(artifact.final_train_loss, 4),
+        "eval_loss_base": round(artifact.base_eval_loss, 4),
+        "eval_loss_after": round(artifact.eval_loss, 4),
+        "train_seconds": round(artifact.train_seconds, 1),
+    }
+    details.setdefault("training", {})[name] = result
+    return result
+
+
+def generation_run(name: str, model, tokenizer, articles: list[str], settings) -> list:
+    torch.cuda.reset_peak_memory_stats()
+    result = generate.generate_summaries(model, tokenizer, articles, settings)
+    records = result.records
+    details.setdefault("generation", {})[name] = {
+        "summaries": len(records),
+        "per_s": round(result.summaries_per_second, 3),
+        "seconds": round(result.seconds, 2),
+        "batch_size": result.batch_size,
+        "nonempty_rate": sum(r.status == "ok" for r in records) / len(records),
+        "mean_new_tokens": round(float(np.mean([r.new_tokens for r in records])), 1),
+        "peak_mem_gib": gib(torch.cuda.max_memory_allocated()),
+        "settings": {k: getattr(settings, k) for k in ("batch_size", "cache", "compile", "sort_by_length", "max_new_tokens")},
+    }
+    return records
+
+
+def agreement(reference: list, other: list) -> dict:
+    """Share of identical summaries, and mean share of leading words that agree."""
+    exact, prefix = [], []
+    for a, b in zip(reference, other):
+        words_a, words_b = a.text.split(), b.text.split()
+        same = next((i for i, (x, y) in enumerate(zip(words_a, words_b)) if x != y), min(len(words_a), len(words_b)))
+        exact.append(a.text == b.text)
+        prefix.append(same / max(len(words_a), len(words_b), 1))
+    return {"exact_match": round(float(np.mean(exact)), 3), "mean_prefix_agreement": round(float(np.mean(prefix)), 3), "pairs": len(exact)}
+
+
+def dequantized_merge(spec, model_dir: str, adapter: Path):
+    """The adapter merged into the very NF4 weights it was trained against, dequantized to bf16 (the function the
+    4-bit path computes, without per-step dequantisation and LoRA matmuls)."""
+    from peft import PeftModel
+
+    model = models.load_model(spec, model_dir, models.choose_precision(True))
+    model.dequantize(dtype=torch.bfloat16)
+    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+
+
+def main() -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    details["environment"] = gpu_metrics.environment()
+    details["measured_peak_bf16_tflops"] = round(gpu_metrics.measure_peak_bf16() / 1e12, 1)
+    model_dir = str(save_phi2_shape(WORK / "phi2-shape"))
+    spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
+    tokenizer = models.load_tokenizer(spec, model_dir)
+    model = models.load_model(spec, model_dir, models.choose_precision(True))
+
+    rows = synthetic_tokenized_xsum(STEPS * EFFECTIVE_BATCH + 32)
+    train, evaluation = rows.select(range(STEPS * EFFECTIVE_BATCH)), rows.select(range(STEPS * EFFECTIVE_BATCH, len(rows)))
+    lengths = [len(ids) for ids in train["input_ids"]]
+    lora = sum(16 * (a + b) for a, b in [(2560, 2560)] * 4 + [(2560, 10240), (10240, 2560)]) * 32
+    flops_per_token = gpu_metrics.train_flops(model.config, lengths, lora) / sum(lengths)
+    details["data"] = {"train_rows": len(train), "mean_tokens": round(float(np.mean(lengths)), 1), "max_tokens": max(lengths),
+                       "flops_per_token": flops_per_token}
+    phase("packed_equals_padded", 60, lambda: details.__setitem__("packed_equals_padded", check_packed_equals_padded(model, train)))
+    for name, settings in RECIPES.items():
+        phase(f"train {name}", 120 if name == "seed" else 60, lambda name=name, settings=settings: train_recipe(
+            name, settings, model, tokenizer, train, evaluation, flops_per_token))
+
+    adapter = WORK / "adapter-best"
+    articles = synthetic_articles(MERGED_ARTICLES)
+    base_settings = generate.GenerationSettings()  # the phi2 profile's: greedy, 60 new tokens, batch from free memory
+    outputs: dict[str, list] = {}
+    with contextlib.ExitStack() as stack:
+        adapted = stack.enter_context(generate.adapted(model, adapter)) if adapter.is_dir() else model
+        phase("generate sequential", 60, lambda: outputs.__setitem__("sequential", generation_run(
+            "sequential", adapted, tokenizer, articles[:SEQUENTIAL_ARTICLES], dataclasses.replace(base_settings, batch_size=1, sort_by_length=False))))
+        phase("generate batched 4-bit", 60, lambda: outputs.__setitem__("batched_4bit", generation_run(
+            "batched_4bit", adapted, tokenizer, articles[:UNMERGED_ARTICLES], base_settings)))
+    free_memory()
+    merged = {}
+    phase("load merged bf16", 60, lambda: merged.__setitem__("model", generate.load_merged_bf16(spec, model_dir, adapter)))
+    if "model" in merged:
+        for label, options in [("dynamic", {}), ("static", {"cache": "static"}), ("static_b128", {"cache": "static", "batch_size": 128})]:
+            phase(f"generate merged bf16 {label}", 45, lambda label=label, options=options: outputs.__setitem__(f"merged_{label}", generation_run(
+                f"merged_bf16_{label}", merged["model"], tokenizer, articles, dataclasses.replace(base_settings, **options))))
+        merged.clear()
+        free_memory()
+    phase("load dequantized merge", 60, lambda: merged.__setitem__("model", dequantized_merge(spec, model_dir, adapter)))
+    if "model" in merged:
+        phase("generate dequantized merge", 60, lambda: outputs.__setitem__("dequantized_merge", generation_run(
+            "dequantized_merge_static", merged["model"], tokenizer, articles[:UNMERGED_ARTICLES], dataclasses.replace(base_settings, cache="static"))))
+        merged.clear()
+    reference = outputs.get("batched_4bit")
+    if reference:
+        details["agreement_with_4bit"] = {
+            name: agreement(reference, records[: len(reference)]) for name, records in outputs.items() if name not in ("batched_4bit", "sequential")
+        }
+        if "sequential" in outputs:
+            details["agreement_with_4bit"]["sequential"] = agreement(outputs["sequential"], reference[:SEQUENTIAL_ARTICLES])
+    print_tables(write_figures())
+
+
+def write_figures() -> dict:
+    training, generation = details.get("training", {}), details.get("generation", {})
+    seed, best, lean = (training.get(k, {}) for k in ("seed", "best", "lean"))
+    batched = {k: v for k, v in generation.items() if k != "sequential"}
+    fastest = max(batched, key=lambda k: batched[k]["per_s"]) if batched else None
+    details["fastest_batched_generation"] = fastest
+    sequential = generation.get("sequential", {}).get("per_s")
+    fast = batched[fastest]["per_s"] if fastest else None
+    figures = {
+        "train_seed_tok_s": seed.get("tok_s"),
+        "train_best_tok_s": best.get("tok_s"),
+        "train_speedup": round(best["tok_s"] / seed["tok_s"], 2) if seed and best else None,
+        "mfu_best": best.get("mfu"),
+        "peak_mem_seed_gib": seed.get("peak_mem_gib"),
+        "peak_mem_best_gib": best.get("peak_mem_gib"),
+        "train_lean_tok_s": lean.get("tok_s"),
+        "peak_mem_lean_gib": lean.get("peak_mem_gib"),
+        "gen_sequential_per_s": sequential,
+        "gen_batched_per_s": fast,
+        "gen_speedup": round(fast / sequential, 1) if fast and sequential else None,
+        "gen_nonempty_rate": batched[fastest]["nonempty_rate"] if fastest else None,
+        "environment": {**details.get("environment", {}), "measured_peak_bf16_tflops": details.get("measured_peak_bf16_tflops")},
+    }
+    (OUT / "h200.json").write_text(json.dumps(figures, indent=2))
+    save_details()
+    return figures
+
+
+def print_tables(figures: dict) -> None:
+    training, generation = details.get("training", {}), details.get("generation", {})
+    print("\n| training | tok/s | end-to-end | MFU | peak GiB | loss after | eval loss |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in training.items():
+        print(f"| {name} | {r['tok_s']:,} | {r['tok_s_end_to_end']:,} | {r['mfu']:.1%} | {r['peak_mem_gib']} | {r['final_train_loss']} | {r['eval_loss_after']} |")
+    print("\n| generation | summaries/s | batch | non-empty | peak GiB |")
+    print("|---|---|---|---|---|")
+    for name, r in generation.items():
+        print(f"| {name} | {r['per_s']} | {r['batch_size']} | {r['nonempty_rate']:.0%} | {r['peak_mem_gib']} |")
+    print(json.dumps({k: v for k, v in figures.items() if k != "environment"}))
+    print(json.dumps({k: details.get(k) for k in ("agreement_with_4bit", "packed_equals_padded", "errors", "phase_seconds")}))
+
+
+if __name__ == "__main__":
+    main()
