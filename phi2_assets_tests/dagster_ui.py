@@ -28,6 +28,8 @@ PIPELINE_JOB = "phi2_pipeline"
 IN_PROCESS_RUN_CONFIG = {"execution": {"config": {"in_process": {}}}}
 STARTUP_TIMEOUT_S = 300
 RUN_TIMEOUT_S = 600
+# The code servers take ~15 s to stop after SIGTERM (their gRPC shutdown), longer on a busy machine.
+SHUTDOWN_TIMEOUT_S = 60
 TERMINAL_RUN_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
 
 LAUNCH_RUN = """
@@ -54,6 +56,25 @@ RUN_MESSAGES = """
 query RunMessages($runId: ID!) {
   logsForRun(runId: $runId, limit: 5000) {
     ... on EventConnection { events { __typename ... on MessageEvent { message level stepKey timestamp } } }
+  }
+}"""
+
+LATEST_MATERIALIZATION = """
+query LatestMaterialization($path: [String!]!) {
+  assetOrError(assetKey: {path: $path}) {
+    __typename
+    ... on Asset {
+      assetMaterializations(limit: 1) {
+        runId
+        metadataEntries {
+          __typename label
+          ... on FloatMetadataEntry { floatValue }
+          ... on IntMetadataEntry { intValue }
+          ... on TextMetadataEntry { text }
+          ... on MarkdownMetadataEntry { mdStr }
+        }
+      }
+    }
   }
 }"""
 
@@ -148,6 +169,15 @@ class DagsterDeployment:
         events = self.graphql(RUN_MESSAGES, runId=run_id)["logsForRun"]["events"]
         return [event for event in events if "message" in event]
 
+    def latest_materialization(self, asset_path: list[str]) -> tuple[str, dict[str, dict]]:
+        """(run id, metadata entries by label) of the asset's latest materialization, as the asset page reads them."""
+        asset = self.graphql(LATEST_MATERIALIZATION, path=asset_path)["assetOrError"]
+        assert asset["__typename"] == "Asset", asset
+        materializations = asset["assetMaterializations"]
+        assert materializations, f"{'/'.join(asset_path)} has no materialization"
+        [latest] = materializations
+        return latest["runId"], {entry["label"]: entry for entry in latest["metadataEntries"]}
+
     def wait_until_loaded(self) -> None:
         """Until the webserver answers and the code location has loaded (or a process died, or time ran out)."""
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -168,25 +198,22 @@ class DagsterDeployment:
         raise RuntimeError(f"webserver not ready after {STARTUP_TIMEOUT_S}s:\n{self.log_tail('webserver')}")
 
     def stop(self) -> None:
-        """SIGTERM each process group (the webserver's code server and the daemon's run workers are in them), then
-        SIGKILL whatever is left; raises if a process survives."""
+        """SIGTERM each process group (the webserver's code server and the daemon's run workers are in them) and
+        wait until every member has exited; SIGKILL what is left after a minute and raise, naming the groups."""
         for process in self.processes.values():
             _signal_group(process.pid, signal.SIGTERM)
-        for process in self.processes.values():
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                _signal_group(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        survivors = [name for name, process in self.processes.items() if _group_alive(process.pid)]
+        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+        survivors = list(self.processes)
         while survivors and time.monotonic() < deadline:
-            time.sleep(0.5)
+            for process in self.processes.values():
+                process.poll()  # reap the leaders so they stop counting as members
             survivors = [name for name, process in self.processes.items() if _group_alive(process.pid)]
+            time.sleep(0.5)
         for name in survivors:
             _signal_group(self.processes[name].pid, signal.SIGKILL)
+            self.processes[name].wait(timeout=10)
         if survivors:
-            raise RuntimeError(f"processes left behind in the process groups of {survivors}; killed")
+            raise RuntimeError(f"still running {SHUTDOWN_TIMEOUT_S}s after SIGTERM in the process groups of {survivors}; killed")
 
 
 def _signal_group(pgid: int, signum: int) -> None:

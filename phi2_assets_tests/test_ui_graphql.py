@@ -17,25 +17,6 @@ ASSET_NODES = """
   }
 }"""
 
-LATEST_MATERIALIZATION = """
-query LatestMaterialization($path: [String!]!) {
-  assetOrError(assetKey: {path: $path}) {
-    __typename
-    ... on Asset {
-      assetMaterializations(limit: 1) {
-        runId
-        metadataEntries {
-          __typename label
-          ... on FloatMetadataEntry { floatValue }
-          ... on IntMetadataEntry { intValue }
-          ... on TextMetadataEntry { text }
-          ... on MarkdownMetadataEntry { mdStr }
-        }
-      }
-    }
-  }
-}"""
-
 
 def asset_properties(defs) -> dict[str, dict]:
     graph = defs.resolve_asset_graph()
@@ -55,7 +36,8 @@ def test_every_asset_has_stage_group_description_kinds_owners_code_version(defs)
         name: [field for field in ("description", "kinds", "owners", "code_version") if not props[field]]
         for name, props in assets.items()
     }
-    assert not {name: fields for name, fields in missing.items() if fields}, "assets the UI shows without these"
+    missing = {name: fields for name, fields in missing.items() if fields}
+    assert not missing, f"assets the UI would show without these: {missing}"
     assert {props["group"] for props in assets.values()} == STAGE_GROUPS
     assert {"lora_adapter", "rouge_report"} <= set(assets)
     assert assets["lora_adapter"]["group"] == "training" and assets["rouge_report"]["group"] == "evaluation"
@@ -93,11 +75,8 @@ def test_rouge_report_metadata_read_back_through_graphql(dagster_ui, pipeline_ru
     from phi2_assets.ml.reports import MODELS
     from phi2_assets.ml.scoring import ROUGE_TYPES
 
-    asset = dagster_ui.graphql(LATEST_MATERIALIZATION, path=["rouge_report"])["assetOrError"]
-    assert asset["__typename"] == "Asset", asset
-    [materialization] = asset["assetMaterializations"]
-    assert materialization["runId"] == pipeline_run["runId"]
-    entries = {entry["label"]: entry for entry in materialization["metadataEntries"]}
+    run_id, entries = dagster_ui.latest_materialization(["rouge_report"])
+    assert run_id == pipeline_run["runId"]
     for model in MODELS:
         for rouge_type in ROUGE_TYPES:
             entry = entries[f"{model}_{rouge_type}"]
