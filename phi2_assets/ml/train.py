@@ -65,7 +65,8 @@ class TrainSettings:
     lr_scheduler: str = _doc("learning-rate schedule after warm-up", "cosine")
     warmup_ratio: float = _doc("share of the steps spent warming the learning rate up", 0.03)
     gradient_checkpointing: bool = _doc("recompute activations in the backward pass: less memory, ~30% more compute", True)
-    padding_free: bool = _doc("concatenate a batch without padding (needs flash-attention for correct masking)", False)
+    padding_free: bool = _doc("one unpadded row per batch; sdpa then masks a block-diagonal O(L^2) matrix, which only pays with flash-attention", False)
+    group_by_length: bool = _doc("batch sequences of similar length (less padding) instead of a uniformly random order", False)
     bf16: bool = _doc("bf16 autocast where the model computes in bf16 (CUDA, CPUs with native bf16); off for an fp32 model", True)
     logging_steps: int = _doc("optimizer steps between progress lines", 10)
     eval_steps: int | None = _doc("optimizer steps between evaluations; null = evaluate at the end only", None)
@@ -244,6 +245,7 @@ def _sft_config(settings: TrainSettings, checkpoint_dir: Path, device: str, comp
         optim=resolve_optimizer(settings.optimizer, device),
         gradient_checkpointing=settings.gradient_checkpointing,
         padding_free=settings.padding_free,
+        train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         bf16=settings.bf16 and compute_bf16,
         logging_steps=settings.logging_steps,
         eval_strategy="steps" if settings.eval_steps else "no",
@@ -326,7 +328,7 @@ def train_lora(
             started = time.monotonic()
             outcome = trainer.train(resume_from_checkpoint=last_checkpoint)
             train_seconds = time.monotonic() - started
-            eval_loss = trainer.evaluate()["eval_loss"]
+            eval_loss = _final_eval_loss(trainer)
         with atomic_path(Path(output_dir)) as staging:
             peft_model.save_pretrained(str(staging), safe_serialization=True)
             tokenizer.save_pretrained(str(staging))
@@ -338,7 +340,7 @@ def train_lora(
     state = trainer.state
     resumed_step = int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else 0
     train_points = [(entry["step"], entry["loss"]) for entry in state.log_history if "loss" in entry]
-    eval_points = [(entry["step"], entry["eval_loss"]) for entry in state.log_history if "eval_loss" in entry]
+    eval_points = [(entry["step"], entry["eval_loss"]) for entry in state.log_history if "eval_loss" in entry and entry["step"] > 0]
     session_tokens = state.num_input_tokens_seen - (progress.start[2] if progress.start else 0)
     return AdapterArtifact(
         path=str(output_dir),
@@ -368,6 +370,14 @@ def train_lora(
         eval_loss_steps=[step for step, _ in eval_points],
         eval_losses=[loss for _, loss in eval_points],
     )
+
+
+def _final_eval_loss(trainer: SFTTrainer) -> float:
+    """The eval loss after the last step: logged already when an evaluation fell on it, else evaluated now."""
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evaluations and evaluations[-1]["step"] == trainer.state.global_step > 0:
+        return evaluations[-1]["eval_loss"]
+    return trainer.evaluate()["eval_loss"]
 
 
 def adapter_parameter_count(model: PreTrainedModel, adapter_path: str) -> int:
