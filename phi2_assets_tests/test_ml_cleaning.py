@@ -19,9 +19,9 @@ def splits(train=(), validation=(), test=()):
 
 def test_normalize_unicode_whitespace_and_boilerplate():
     text = "Media playback is not supported on this device\nThe  ﬁrst\u00a0line.\n\n\n  Second line.  \nShare this with\n"
-    assert normalize_text(pd.Series([text]))[0] == "The first line.\nSecond line."
-    assert normalize_text(pd.Series(["20 July 2016 Last updated at 08:43 BST Better education"]))[0] == "Better education"
-    assert normalize_text(pd.Series([None]))[0] == ""
+    texts, words = normalize_text(pd.Series([text, "20 July 2016 Last updated at 08:43 BST Better education", None]))
+    assert texts.tolist() == ["The first line.\nSecond line.", "Better education", ""]
+    assert words.tolist() == [5, 2, 0]
 
 
 def test_drop_reasons_are_counted():
