@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import requests
 
@@ -237,6 +238,10 @@ def start_deployment(root: Path) -> DagsterDeployment:
     home = root / "dagster_home"
     home.mkdir(parents=True)
     shutil.copy(TRACKED_INSTANCE_YAML, home / "dagster.yaml")
+    # Opening the instance creates its databases; left to the webserver and the daemon, both create them at once
+    # and can record two schema versions ("alembic_version has more than one head").
+    with dg.DagsterInstance.from_config(str(home)):
+        pass
     env = {**os.environ, "DAGSTER_HOME": str(home), "PHI2_PROFILE": "tiny", "PHI2_DATA_DIR": str(root / "data"),
            "TOKENIZERS_PARALLELISM": "false"}
     env.pop("PHI2_XSUM_DIR", None)

@@ -14,10 +14,15 @@ CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
 ]
-VIEWPORT = {"width": 1600, "height": 1000}
+# Wide enough that the expanded graph draws full nodes (name, status, kinds) instead of truncated labels.
+VIEWPORT = {"width": 2400, "height": 1350}
 # Generous: the first page load compiles the UI's bundle and queries a busy webserver.
 UI_TIMEOUT_MS = 60_000
-GRAPH_ASSETS = ("tokenized_xsum", "lora_adapter", "baseline_summaries", "finetuned_summaries", "rouge_report")
+STAGE_GROUPS = ("data", "training", "evaluation")
+GRAPH_ASSETS = (
+    "tokenized_xsum", "lora_adapter", "evaluation_xsum", "baseline_summaries", "finetuned_summaries",
+    "prompt_template_report", "rouge_report",
+)
 REPORTED_METRIC = "finetuned_rougeL"
 
 
@@ -48,7 +53,12 @@ def metadata_row(page: Page, label: str) -> Locator:
 
 def test_asset_graph_shows_every_stage(page, dagster_ui, pipeline_run, screenshots):
     page.goto(f"{dagster_ui.url}/asset-groups")
-    for name in GRAPH_ASSETS:
+    # Several groups open collapsed; the graph's settings menu expands them all, as a user would.
+    page.get_by_role("button", name="settings", exact=True).click()
+    page.get_by_role("menuitem", name="Expand all groups").click()
+    page.keyboard.press("Escape")
+    page.get_by_text("Hide navigation").click()
+    for name in (*STAGE_GROUPS, *GRAPH_ASSETS):
         expect(page.get_by_text(name, exact=True).first).to_be_visible()
     expect(page.get_by_role("button", name="Materialize all")).to_be_visible()
     page.screenshot(path=screenshots / "asset_graph.png")
@@ -63,6 +73,7 @@ def test_rouge_report_page_shows_rouge_values_and_plots(page, dagster_ui, pipeli
     shown = float(row.locator("td").last.inner_text().strip())
     assert shown == pytest.approx(expected, abs=1e-4)
     assert 0.0 <= shown <= 1.0
+    row.evaluate("row => row.scrollIntoView({block: 'center'})")
     page.screenshot(path=screenshots / "rouge_report.png")
 
     plot = next(label for label, entry in entries.items()
