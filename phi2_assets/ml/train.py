@@ -262,6 +262,8 @@ def _sft_config(settings: TrainSettings, checkpoint_dir: Path, device: str, comp
         report_to="none",
         use_cpu=device != "cuda",
         dataloader_pin_memory=device == "cuda",
+        # under DDP (launched training) every LoRA weight takes part in every step: no per-step search for unused ones
+        ddp_find_unused_parameters=False,
     )
 
 
