@@ -32,6 +32,7 @@ from bench import gpu_metrics
 from bench.phi2_shape import EOS_ID, save_phi2_shape, synthetic_articles, synthetic_tokenized_xsum
 from phi2_assets.ml import generate, models
 from phi2_assets.ml.train import TrainSettings, train_lora
+from phi2_assets.profiles import PROFILES
 
 OUT = Path(os.environ.get("OUT", "/tmp/bench-out"))
 WORK = Path(os.environ.get("BENCH_DIR", "/tmp/bench"))
@@ -41,12 +42,17 @@ LEAN_CARD_GIB = 15.0  # what a 16 GB card (T4) leaves to PyTorch's allocator
 SEQUENTIAL_ARTICLES, UNMERGED_ARTICLES, MERGED_ARTICLES = 3, 256, 500
 PROGRESS = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.]+).*?([\d,]+) tokens/s")
 
-SEED = TrainSettings(max_steps=STEPS, logging_steps=1, save_steps=100_000, eval_steps=None)
+BENCH_RUN = {"max_steps": STEPS, "logging_steps": 1, "save_steps": 100_000, "eval_steps": None}
+# the seed notebooks' recipe (TrainSettings' defaults): micro-batch 2 x grad-accum 8, dynamic padding, paged AdamW
+# 8-bit, gradient checkpointing, bf16 autocast
+SEED = dataclasses.replace(TrainSettings(), **BENCH_RUN)
+BEST = dataclasses.replace(PROFILES["phi2"].train, **BENCH_RUN)  # the phi2 profile's default
 RECIPES: dict[str, TrainSettings] = {
-    "seed": SEED,  # micro-batch 2 x grad-accum 8, dynamic padding, paged AdamW 8-bit, checkpointing
-    "best": dataclasses.replace(SEED, per_device_batch_size=16, gradient_accumulation_steps=1, gradient_checkpointing=False, padding_free=True),
-    "best_8x2": dataclasses.replace(SEED, per_device_batch_size=8, gradient_accumulation_steps=2, gradient_checkpointing=False, padding_free=True),
-    "lean": dataclasses.replace(SEED, per_device_batch_size=16, gradient_accumulation_steps=1, gradient_checkpointing=True, padding_free=True),
+    "seed": SEED,
+    "best": BEST,
+    "best_with_autocast": dataclasses.replace(BEST, bf16=True),
+    "best_8x2": dataclasses.replace(BEST, per_device_batch_size=8, gradient_accumulation_steps=2),
+    "lean": dataclasses.replace(BEST, gradient_checkpointing=True),
 }
 details: dict = {"steps": STEPS, "effective_batch": EFFECTIVE_BATCH, "peak_bf16_flops_used": gpu_metrics.PEAK_BF16_FLOPS}
 
@@ -109,10 +115,11 @@ def check_packed_equals_padded(model, rows) -> dict:
     for row, ids in enumerate(sequences):
         padded[row, : len(ids)], mask[row, : len(ids)] = ids, 1
     with torch.inference_mode():
-        padded_logits = model(input_ids=padded.cuda(), attention_mask=mask.cuda()).logits.float()
+        padded_logits = model(input_ids=padded.cuda(), attention_mask=mask.cuda(), use_cache=False).logits.float()
         packed = torch.cat(sequences)[None].cuda()
         positions = torch.cat([torch.arange(len(s)) for s in sequences])[None].cuda()
-        packed_logits = model(input_ids=packed, position_ids=positions).logits.float()[0]
+        # no cache: with one, transformers reads the position ids as a continuation, not as packed sequences
+        packed_logits = model(input_ids=packed, position_ids=positions, use_cache=False).logits.float()[0]
     worst, offset = 0.0, 0
     for row, ids in enumerate(sequences):
         a = torch.log_softmax(padded_logits[row, : len(ids)], -1)
@@ -162,7 +169,7 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
     steady = steady_rate(lines, artifact.tokens_seen)
     tok_s = steady.get("steady_tok_s", artifact.tokens_per_second)
     result = {
-        "settings": {k: getattr(settings, k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free", "optimizer")},
+        "settings": {k: getattr(settings, k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free", "bf16", "optimizer")},
         "fused_gelu": name != "seed",
         "tok_s": round(tok_s),
         "tok_s_end_to_end": round(artifact.tokens_per_second),
@@ -210,6 +217,36 @@ def agreement(reference: list, other: list) -> dict:
     return {"exact_match": round(float(np.mean(exact)), 3), "mean_prefix_agreement": round(float(np.mean(prefix)), 3), "pairs": len(exact)}
 
 
+def teacher_forcing_probes(tokenizer, articles: list[str], count: int = 8) -> list[list[int]]:
+    from phi2_assets.ml.tokenization import encode_prompts
+
+    return encode_prompts(tokenizer, "seed", articles[:count], 1_066)
+
+
+def next_token_logprobs(model, prompts: list[list[int]]) -> dict:
+    """Log-probs of every next token over the prompts, one at a time (no padding), on the GPU."""
+    logprobs = []
+    with torch.inference_mode():
+        for ids in prompts:
+            logits = model(input_ids=torch.tensor([ids], device="cuda"), use_cache=False).logits[0].float()
+            logprobs.append(torch.log_softmax(logits, -1))
+    return {"logprobs": logprobs}
+
+
+def compare_logprobs(reference: dict, other: dict) -> dict:
+    """How close a merged model is to 4-bit + LoRA: top-1 agreement over every prompt position, and the
+    largest / mean absolute difference of the log-probability the reference gives its own top token."""
+    same, total, diffs = 0, 0, []
+    for a, b in zip(reference["logprobs"], other["logprobs"]):
+        top = a.argmax(-1)
+        same += int((top == b.argmax(-1)).sum())
+        total += top.numel()
+        diffs.append((a.gather(-1, top[:, None]) - b.gather(-1, top[:, None])).abs().flatten())
+    diff = torch.cat(diffs)
+    return {"top1_agreement": round(same / total, 4), "positions": total,
+            "max_abs_logprob_diff": round(float(diff.max()), 4), "mean_abs_logprob_diff": round(float(diff.mean()), 4)}
+
+
 def dequantized_merge(spec, model_dir: str, adapter: Path):
     """The adapter merged into the very NF4 weights it was trained against, dequantized to bf16 (the function the
     4-bit path computes, without per-step dequantisation and LoRA matmuls)."""
@@ -244,35 +281,42 @@ def main() -> None:
 
     adapter = WORK / "adapter-best"
     articles = synthetic_articles(MERGED_ARTICLES)
-    base_settings = generate.GenerationSettings()  # the phi2 profile's: greedy, 60 new tokens, batch from free memory
+    profile_settings = PROFILES["phi2"].generation  # greedy, 60 new tokens, batch from free memory
+    unmerged = dataclasses.replace(profile_settings, merged_bf16=False, cache="dynamic")
     outputs: dict[str, list] = {}
+    probes = teacher_forcing_probes(tokenizer, articles)
+    reference: dict = {}
     with contextlib.ExitStack() as stack:
         adapted = stack.enter_context(generate.adapted(model, adapter)) if adapter.is_dir() else model
+        phase("reference log-probs 4-bit", 30, lambda: reference.update(next_token_logprobs(adapted, probes)))
         phase("generate sequential", 60, lambda: outputs.__setitem__("sequential", generation_run(
-            "sequential", adapted, tokenizer, articles[:SEQUENTIAL_ARTICLES], dataclasses.replace(base_settings, batch_size=1, sort_by_length=False))))
+            "sequential", adapted, tokenizer, articles[:SEQUENTIAL_ARTICLES], dataclasses.replace(unmerged, batch_size=1, sort_by_length=False))))
         phase("generate batched 4-bit", 60, lambda: outputs.__setitem__("batched_4bit", generation_run(
-            "batched_4bit", adapted, tokenizer, articles[:UNMERGED_ARTICLES], base_settings)))
+            "batched_4bit", adapted, tokenizer, articles[:UNMERGED_ARTICLES], unmerged)))
     free_memory()
-    merged = {}
-    phase("load merged bf16", 60, lambda: merged.__setitem__("model", generate.load_merged_bf16(spec, model_dir, adapter)))
-    if "model" in merged:
-        for label, options in [("dynamic", {}), ("static", {"cache": "static"}), ("static_b128", {"cache": "static", "batch_size": 128})]:
-            phase(f"generate merged bf16 {label}", 45, lambda label=label, options=options: outputs.__setitem__(f"merged_{label}", generation_run(
-                f"merged_bf16_{label}", merged["model"], tokenizer, articles, dataclasses.replace(base_settings, **options))))
+    for kind, loader in [("merged_bf16", lambda: generate.load_merged_bf16(spec, model_dir, adapter)),
+                         ("dequantized_merge", lambda: dequantized_merge(spec, model_dir, adapter))]:
+        merged = {}
+        phase(f"load {kind}", 60, lambda loader=loader: merged.__setitem__("model", loader()))
+        if "model" not in merged:
+            continue
+        if reference:
+            phase(f"log-probs {kind}", 30, lambda kind=kind: details.setdefault("logprobs_vs_4bit", {}).__setitem__(
+                kind, compare_logprobs(reference, next_token_logprobs(merged["model"], probes))))
+        variants = [("static", {"cache": "static"})] + ([("dynamic", {"cache": "dynamic"}), ("static_b256", {"cache": "static", "batch_size": 256})] if kind == "merged_bf16" else [])
+        for label, options in variants:
+            name = f"{kind}_{label}"
+            phase(f"generate {name}", 45, lambda name=name, options=options: outputs.__setitem__(name, generation_run(
+                name, merged["model"], tokenizer, articles, dataclasses.replace(profile_settings, **options))))
         merged.clear()
         free_memory()
-    phase("load dequantized merge", 60, lambda: merged.__setitem__("model", dequantized_merge(spec, model_dir, adapter)))
-    if "model" in merged:
-        phase("generate dequantized merge", 60, lambda: outputs.__setitem__("dequantized_merge", generation_run(
-            "dequantized_merge_static", merged["model"], tokenizer, articles[:UNMERGED_ARTICLES], dataclasses.replace(base_settings, cache="static"))))
-        merged.clear()
-    reference = outputs.get("batched_4bit")
-    if reference:
-        details["agreement_with_4bit"] = {
-            name: agreement(reference, records[: len(reference)]) for name, records in outputs.items() if name not in ("batched_4bit", "sequential")
+    if "batched_4bit" in outputs:
+        first = outputs["batched_4bit"]
+        details["summaries_vs_4bit"] = {
+            name: agreement(first, records[: len(first)]) for name, records in outputs.items() if name not in ("batched_4bit", "sequential")
         }
         if "sequential" in outputs:
-            details["agreement_with_4bit"]["sequential"] = agreement(outputs["sequential"], reference[:SEQUENTIAL_ARTICLES])
+            details["summaries_vs_4bit"]["sequential"] = agreement(outputs["sequential"], first[:SEQUENTIAL_ARTICLES])
     print_tables(write_figures())
 
 
@@ -315,7 +359,7 @@ def print_tables(figures: dict) -> None:
     for name, r in generation.items():
         print(f"| {name} | {r['per_s']} | {r['batch_size']} | {r['nonempty_rate']:.0%} | {r['peak_mem_gib']} |")
     print(json.dumps({k: v for k, v in figures.items() if k != "environment"}))
-    print(json.dumps({k: details.get(k) for k in ("agreement_with_4bit", "packed_equals_padded", "errors", "phase_seconds")}))
+    print(json.dumps({k: details.get(k) for k in ("summaries_vs_4bit", "logprobs_vs_4bit", "packed_equals_padded", "errors", "phase_seconds")}))
 
 
 if __name__ == "__main__":
