@@ -68,3 +68,7 @@ class LoraAdapterConfig(TrainConfig):
         description="in_process: in the step's own process; accelerate: `accelerate launch` ranks through Dagster Pipes, one per GPU (DDP)",
     )
     num_processes: int = pydantic.Field(default=1, description="with launcher accelerate: how many processes (GPUs) train")
+    retry_on_oom: bool = pydantic.Field(
+        default=True,
+        description="in process: after CUDA out-of-memory, retry at half the micro-batch and double the accumulation (same effective batch)",
+    )

@@ -8,6 +8,7 @@ from phi2_assets.config import LoraAdapterConfig, to_settings
 from phi2_assets.launch.accelerate_pipes import train_with_accelerate
 from phi2_assets.metadata import png_markdown
 from phi2_assets.ml import plots
+from phi2_assets.ml.oom import train_within_memory
 from phi2_assets.ml.train import AdapterArtifact, TrainSettings, train_lora
 from phi2_assets.profiles import data_dir
 from phi2_assets.resources import BaseModelResource
@@ -45,9 +46,12 @@ def lora_adapter(
         )
     else:
         model, tokenizer = base_model.load()
-        artifact = train_lora(
-            model, tokenizer, tokenized_xsum["train"], tokenized_xsum["validation"], settings,
-            output_dir=output_dir, checkpoint_dir=checkpoint_dir, on_log=context.log.info,
+        artifact = train_within_memory(
+            lambda attempt: train_lora(
+                model, tokenizer, tokenized_xsum["train"], tokenized_xsum["validation"], attempt,
+                output_dir=output_dir, checkpoint_dir=checkpoint_dir, on_log=context.log.info,
+            ),
+            settings, retry=config.retry_on_oom, say=context.log.warning,
         )
     curve = plots.curves_png(
         {
