@@ -67,7 +67,7 @@ def environment() -> dict:
         try:
             env["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
-            ).stdout.strip()
+            ).stdout.split("\n")[0].strip()  # one line per GPU: the first
         except (OSError, subprocess.SubprocessError):
             env["driver"] = "unknown"
     return env
