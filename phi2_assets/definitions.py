@@ -20,4 +20,7 @@ defs = dg.Definitions(
     schedules=[weekly_reevaluation],
     sensors=[evaluation_follows_adapter],
     resources={**default_resources(), "io_manager": Phi2IOManager(base_dir=str(data_dir() / "assets"))},
+    # The UI's "Materialize all" and single-asset launches too: one process and one model load per run, where
+    # the multiprocess default imports torch and reloads the model in a new process for every step.
+    executor=dg.in_process_executor,
 )
