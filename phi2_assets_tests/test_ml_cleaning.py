@@ -2,7 +2,7 @@
 
 import pandas as pd
 
-from phi2_assets.ml.cleaning import CleaningSettings, clean_splits, normalize_text
+from phi2_assets.ml.cleaning import CleaningSettings, audit_splits, clean_splits, normalize_text
 
 DOC = "The council in Leeds voted on Tuesday to close three libraries after a long consultation process."
 SUMMARY = "Leeds council has voted to close three libraries."
@@ -69,3 +69,15 @@ def test_null_summary_and_huge_document_are_documented_drops():
     result = clean_splits({"train": rows, "validation": frame(), "test": frame()}, NO_CAPS)
     assert result.frames["train"]["id"].tolist() == ["ok"]
     assert result.drops["train"]["empty_summary"] == 1 and result.drops["train"]["long_document"] == 1
+
+
+def test_audit_names_empty_text_duplicates_and_leaks():
+    frames = {
+        "train": frame(("a", DOC, SUMMARY), ("a", DOC + " b", " ")),
+        "validation": frame(("a", DOC + " c", SUMMARY)),
+        "test": frame(),
+    }
+    problems = audit_splits(frames)
+    assert problems["train"] == ["1 empty summary values", "1 duplicate ids", "2 ids also in another split"]
+    assert problems["validation"] == ["1 ids also in another split"] and problems["test"] == ["no rows"]
+    assert audit_splits(clean_splits(frames, NO_CAPS).frames)["validation"] == []

@@ -12,7 +12,7 @@ import pandas as pd
 from phi2_assets.config import CleaningConfig, TokenizeConfig, to_settings
 from phi2_assets.metadata import flat_figures, png_markdown, table_markdown
 from phi2_assets.ml import plots, stats
-from phi2_assets.ml.cleaning import CleaningSettings, clean_splits, word_counts
+from phi2_assets.ml.cleaning import CleaningSettings, audit_splits, clean_splits, word_counts
 from phi2_assets.ml.sources import SPLITS
 from phi2_assets.ml.tokenization import TokenizeSettings, token_stats, tokenize_dataset
 from phi2_assets.profiles import PROFILE
@@ -38,17 +38,21 @@ def cleaned_key(split: str) -> dg.AssetKey:
             kinds={"parquet", "pandas"},
             owners=OWNERS,
             code_version="1",
+            is_required=False,
         )
         for split in SPLITS
     },
     group_name="data",
     retry_policy=HUB_RETRY_POLICY,
+    can_subset=True,
 )
 def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
     """Read the three XSum splits from the profile's source (packaged sample, the user's files, or the hub)."""
     with fail_without_retry():
         frames = xsum_source.load()
     for split in SPLITS:
+        if split not in context.selected_output_names:
+            continue
         frame = frames[split]
         yield dg.Output(
             frame,
@@ -72,17 +76,24 @@ def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
             kinds={"parquet", "pandas"},
             owners=OWNERS,
             code_version="1",
+            is_required=False,
         )
         for split in SPLITS
     },
     group_name="data",
+    can_subset=True,  # every split is cleaned (leakage needs them all); only the selected ones are stored
+    check_specs=[dg.AssetCheckSpec("clean_and_disjoint", asset=cleaned_key(split), blocking=True) for split in SPLITS],
 )
 def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_train: pd.DataFrame, raw_validation: pd.DataFrame, raw_test: pd.DataFrame):
-    """Clean all splits together: leakage between splits is only visible with every split in hand."""
+    """Clean all splits together: leakage between splits is only visible with every split in hand. The
+    `clean_and_disjoint` check runs here for the same reason."""
     with fail_without_retry():
         settings = to_settings(CleaningSettings, config)
     result = clean_splits({"train": raw_train, "validation": raw_validation, "test": raw_test}, settings)
+    problems = audit_splits(result.frames)
     for split in SPLITS:
+        if split not in context.selected_output_names:
+            continue
         frame = result.frames[split]
         histogram = plots.histograms_png(
             {"document words": word_counts(frame["document"]), "summary words": word_counts(frame["summary"])},
@@ -99,6 +110,11 @@ def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_
                 "length_histogram": png_markdown(histogram, "length histogram"),
                 "preview": table_markdown(stats.preview(frame)),
             },
+        )
+        yield dg.AssetCheckResult(
+            asset_key=cleaned_key(split), check_name="clean_and_disjoint", passed=not problems[split],
+            description="; ".join(problems[split]) or "no empty text, no duplicate ids, no id in another split",
+            metadata={"rows": len(frame)},
         )
 
 

@@ -144,3 +144,23 @@ def clean_splits(raw: dict[str, pd.DataFrame], settings: CleaningSettings) -> Cl
         rows_in={split: len(frame) for split, frame in raw.items()},
         drops=drops,
     )
+
+
+def audit_splits(frames: dict[str, pd.DataFrame]) -> dict[str, list[str]]:
+    """What is wrong with cleaned splits, per split: no rows, empty text, duplicate ids, ids shared with another split."""
+    problems: dict[str, list[str]] = {}
+    for split, frame in frames.items():
+        found = [] if len(frame) else ["no rows"]
+        for column in ("document", "summary"):
+            empty = int(frame[column].fillna("").str.strip().eq("").sum())
+            if empty:
+                found.append(f"{empty} empty {column} values")
+        duplicated = int(frame["id"].duplicated().sum())
+        if duplicated:
+            found.append(f"{duplicated} duplicate ids")
+        others = set().union(*(set(other["id"]) for name, other in frames.items() if name != split))
+        leaked = int(frame["id"].isin(others).sum())
+        if leaked:
+            found.append(f"{leaked} ids also in another split")
+        problems[split] = found
+    return problems
