@@ -76,6 +76,10 @@ def accelerate_command(num_processes: int) -> list[str]:
     ]
     if num_processes > 1:
         command += ["--multi_gpu", "--main_process_port", str(free_port())]
+    else:
+        # one process sees one GPU: with several visible, Trainer would wrap the model in nn.DataParallel,
+        # which SFTTrainer refuses (seen on a 2-GPU H200 host)
+        command += ["--gpu_ids", "0"]
     return [*command, "-m", ENTRY_MODULE]
 
 
