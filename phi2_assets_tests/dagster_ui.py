@@ -119,10 +119,6 @@ class DagsterDeployment:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    @property
-    def data_dir(self) -> Path:
-        return self.root / "data"
-
     def graphql(self, query: str, **variables) -> dict:
         response = requests.post(f"{self.url}/graphql", json={"query": query, "variables": variables}, timeout=60)
         response.raise_for_status()
