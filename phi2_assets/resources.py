@@ -67,7 +67,8 @@ class XsumSource(dg.ConfigurableResource):
 
 
 # One model per process and spec: every asset of a run (and every run of a test session) shares it.
-_LOADED: dict[tuple, tuple] = {}
+_MODELS: dict[tuple, object] = {}
+_TOKENIZERS: dict[tuple, object] = {}
 _LOAD_LOCK = threading.Lock()
 
 
@@ -107,25 +108,22 @@ class BaseModelResource(dg.ConfigurableResource):
     def precision(self) -> models.Precision:
         return models.choose_precision(self.load_in_4bit)
 
+    def tokenizer(self):
+        """The tokenizer, loaded once per process and without the weights (tokenizing needs no model)."""
+        with _LOAD_LOCK:
+            if self._key() not in _TOKENIZERS:
+                _TOKENIZERS[self._key()] = models.load_tokenizer(self._spec, self.model_dir())
+            return _TOKENIZERS[self._key()]
+
     def load(self) -> tuple:
         """(model, tokenizer), loaded on first use in this process."""
+        tokenizer = self.tokenizer()
         with _LOAD_LOCK:
-            if self._key() not in _LOADED:
-                model_dir = self.model_dir()
-                precision = self.precision()
+            if self._key() not in _MODELS:
+                model_dir, precision = self.model_dir(), self.precision()
                 log.info("loading %s from %s: %s", self.name_or_path, model_dir, precision.reason)
-                tokenizer = models.load_tokenizer(self._spec, model_dir)
-                _LOADED[self._key()] = (models.load_model(self._spec, model_dir, precision), tokenizer)
-            return _LOADED[self._key()]
-
-    def tokenizer(self):
-        """The tokenizer alone, without loading weights when the model is not loaded yet."""
-        if self._key() in _LOADED:
-            return _LOADED[self._key()][1]
-        return models.load_tokenizer(self._spec, self.model_dir())
-
-    def model(self):
-        return self.load()[0]
+                _MODELS[self._key()] = models.load_model(self._spec, model_dir, precision)
+            return _MODELS[self._key()], tokenizer
 
 
 def default_resources() -> dict[str, object]:
