@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from phi2_assets.ml import models
 from phi2_assets.ml.prompts import TEMPLATES, split_template
@@ -32,6 +32,8 @@ _NEWLINE_SPELLINGS = ("\n", "Ċ", "<0x0A>")
 _FREE_MEMORY_SHARE = 0.6
 _MAX_AUTO_BATCH = 512
 _CPU_BATCH = 8
+# A static cache's length is rounded up to this, so batches of similar length share one compiled decoding graph.
+_STATIC_CACHE_ROUNDING = 64
 
 
 def _doc(text: str, default: object) -> object:
@@ -79,7 +81,7 @@ class GenerationSettings:
     num_beams: int = _doc("beams; 1 = greedy", 1)
     batch_size: int = _doc("prompts per generate call; 0 = from free memory on CUDA (8 on CPU)", 0)
     max_prompt_tokens: int = _doc("prompt budget; the article is truncated to fit, never the template", 1_066)
-    sort_by_length: bool = _doc("batch prompts of similar length together (less padding); output keeps input order", True)
+    sort_by_length: bool = _doc("batch prompts of similar length together, shortest first (less padding, shorter caches); output keeps input order", True)
     cache: str = _doc("KV cache: `dynamic`, or `static` (preallocated, needed for compiled decoding)", "dynamic")
     compile: bool = _doc("torch.compile the decoding step (CUDA with a static cache; transformers' auto-compile)", False)
     merged_bf16: bool = _doc("evaluate on a bf16 copy of the base with the adapter merged in, instead of 4-bit + LoRA", False)
@@ -158,18 +160,25 @@ def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id
         do_sample=False,
         eos_token_id=stop_ids,
         pad_token_id=pad_id,
-        cache_implementation="static" if settings.cache == "static" else None,
         disable_compile=not settings.compile,
     )
+
+
+def _static_cache(model: PreTrainedModel, prompt_columns: int, max_new_tokens: int) -> StaticCache:
+    """A preallocated cache sized for this batch. `cache_implementation="static"` would instead keep the longest
+    length any earlier call used, so every later batch would attend over the longest batch's cache."""
+    length = -(-(prompt_columns + max_new_tokens) // _STATIC_CACHE_ROUNDING) * _STATIC_CACHE_ROUNDING
+    return StaticCache(config=model.config, max_cache_len=length)
 
 
 def _first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-def _generate_batch(model, tokenizer, prompts: list[list[int]], config: GenerationConfig, stop_ids: set[int]) -> list[GenerationRecord]:
+def _generate_batch(model, tokenizer, prompts: list[list[int]], config: GenerationConfig, stop_ids: set[int], static: bool) -> list[GenerationRecord]:
     padded = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(model.device)
-    output = model.generate(**padded, generation_config=config)
+    cache = _static_cache(model, padded["input_ids"].shape[1], config.max_new_tokens) if static else None
+    output = model.generate(**padded, generation_config=config, cache=cache)
     new_tokens = output[:, padded["input_ids"].shape[1]:].tolist()  # left padding: new tokens start at one column
     records = []
     for prompt, tokens in zip(prompts, new_tokens):
@@ -183,16 +192,16 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], config: Generati
     return records
 
 
-def _generate_or_isolate(model, tokenizer, prompts, config, stop_ids) -> list[GenerationRecord]:
+def _generate_or_isolate(model, tokenizer, prompts, config, stop_ids, static) -> list[GenerationRecord]:
     """A failing batch (e.g. out of memory) is retried one prompt at a time, so one bad row costs only itself."""
     try:
-        return _generate_batch(model, tokenizer, prompts, config, stop_ids)
+        return _generate_batch(model, tokenizer, prompts, config, stop_ids, static)
     except Exception as error:  # noqa: BLE001 — every row must come back with a status
         if len(prompts) > 1:
             log.warning("batch of %d failed (%s); retrying one prompt at a time", len(prompts), error)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return [record for prompt in prompts for record in _generate_or_isolate(model, tokenizer, [prompt], config, stop_ids)]
+            return [record for prompt in prompts for record in _generate_or_isolate(model, tokenizer, [prompt], config, stop_ids, static)]
         return [GenerationRecord("", "error", 0, len(prompts[0]), False, f"{type(error).__name__}: {error}")]
 
 
@@ -206,7 +215,7 @@ def generate_summaries(
     """One summary per article, in input order: greedy (or beam) decoding of at most `max_new_tokens`, the
     first line kept, the prompt never echoed. `on_progress(done, total)` is called after each batch."""
     prompts = encode_prompts(tokenizer, settings.template, articles, settings.max_prompt_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if settings.sort_by_length else list(range(len(prompts)))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if settings.sort_by_length else list(range(len(prompts)))
     batch_size = auto_batch_size(model, max((len(p) for p in prompts), default=0), settings)
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
@@ -219,7 +228,7 @@ def generate_summaries(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chosen = order[start:start + batch_size]
-                batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, set(stop_ids))
+                batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, set(stop_ids), settings.cache == "static")
                 for index, record in zip(chosen, batch):
                     records[index] = record
                 if on_progress:
@@ -243,10 +252,14 @@ def adapted(base: PreTrainedModel, adapter_path: str | Path) -> Iterator[PreTrai
 
 
 def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str | Path | None) -> PreTrainedModel:
-    """A separate unquantized copy of the base (bf16 on CUDA, the CPU rule's dtype otherwise) with the adapter
-    merged into its weights: no LoRA matmuls and no 4-bit dequantisation per decoding step."""
-    precision = models.choose_precision(load_in_4bit=False)
+    """A separate dense copy of the base with the adapter merged into its weights: no LoRA matmuls and no 4-bit
+    dequantisation per decoding step. Where the base trains in 4-bit, the copy is the NF4 weights dequantized to
+    bf16, the very weights the adapter was trained against: closer to 4-bit + LoRA than a merge into the original
+    bf16 checkpoint (docs/BENCHMARKS.md)."""
+    precision = models.choose_precision(spec.load_in_4bit)
     model = models.load_model(spec, model_dir, precision)
+    if precision.quantized_4bit:
+        model = model.dequantize(dtype=torch.bfloat16)
     if adapter_path is None:
         return model
     from peft import PeftModel
