@@ -2,7 +2,7 @@
 
 Everything runs through the project's own code: the phi-2-shaped random model (bench/phi2_shape.py) is saved as
 safetensors and loaded by `models.load_model` in 4-bit NF4, trained by `train.train_lora` and sampled by
-`generate.generate_summaries` (4-bit + LoRA through `generate.adapted`, merged bf16 through
+`generate.generate_summaries` (4-bit + LoRA through `models.adapted`, merged bf16 through
 `generate.load_merged_bf16`). Training data: XSum-shaped token rows, the same rows for every recipe, a fixed
 number of optimizer steps of 16 sequences each. Tokens/s is measured after the first optimizer step.
 
@@ -33,7 +33,7 @@ import torch
 from bench import gpu_metrics
 from bench.phi2_shape import EOS_ID, save_phi2_shape, synthetic_articles, synthetic_tokenized_xsum
 from phi2_assets.ml import generate, models
-from phi2_assets.ml.train import TrainSettings, train_lora
+from phi2_assets.ml.train import TrainSettings, expected_trainable_parameters, target_modules_for, train_lora
 from phi2_assets.profiles import PROFILES
 
 OUT = Path(os.environ.get("OUT", "/tmp/bench-out"))
@@ -96,16 +96,15 @@ def free_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def gib(value: float) -> float:
-    return round(value / 2**30, 2)
-
-
 def use_activation(model, fused: bool) -> None:
     """Phi-2 as published computes `gelu_new` in eight ops; the loader fuses it. The seed recipe gets it back."""
-    from transformers.activations import GELUTanh, NewGELUActivation
+    from transformers.activations import NewGELUActivation
 
+    if fused:
+        models.fuse_tanh_gelu(model)
+        return
     for layer in model.model.layers:
-        layer.mlp.activation_fn = GELUTanh() if fused else NewGELUActivation()
+        layer.mlp.activation_fn = NewGELUActivation()
 
 
 def check_packed_equals_padded(model, rows) -> dict:
@@ -201,9 +200,9 @@ def generation_run(name: str, model, tokenizer, articles: list[str], settings) -
         "per_s": round(result.summaries_per_second, 3),
         "seconds": round(result.seconds, 2),
         "batch_size": result.batch_size,
-        "nonempty_rate": sum(r.status == "ok" for r in records) / len(records),
+        "nonempty_rate": result.success_rate,
         "mean_new_tokens": round(float(np.mean([r.new_tokens for r in records])), 1),
-        "peak_mem_gib": gib(torch.cuda.max_memory_allocated()),
+        "peak_mem_gib": gpu_metrics.gib(torch.cuda.max_memory_allocated()),
         "settings": {k: getattr(settings, k) for k in ("batch_size", "cache", "compile", "sort_by_length", "max_new_tokens")},
     }
     return records
@@ -220,10 +219,11 @@ def agreement(reference: list, other: list) -> dict:
     return {"exact_match": round(float(np.mean(exact)), 3), "mean_prefix_agreement": round(float(np.mean(prefix)), 3), "pairs": len(exact)}
 
 
-def teacher_forcing_probes(tokenizer, articles: list[str], count: int = 8) -> list[list[int]]:
+def teacher_forcing_probes(tokenizer, articles: list[str], settings, count: int = 8) -> list[list[int]]:
+    """The prompts `generate_summaries` encodes for the first articles."""
     from phi2_assets.ml.tokenization import encode_prompts
 
-    return encode_prompts(tokenizer, "seed", articles[:count], 1_066)
+    return encode_prompts(tokenizer, settings.template, articles[:count], settings.max_prompt_tokens)
 
 
 def next_token_logprobs(model, prompts: list[list[int]]) -> dict:
@@ -250,14 +250,6 @@ def compare_logprobs(reference: dict, other: dict) -> dict:
             "max_abs_logprob_diff": round(float(diff.max()), 4), "mean_abs_logprob_diff": round(float(diff.mean()), 4)}
 
 
-def checkpoint_merge(spec, model_dir: str, adapter: Path):
-    """The adapter merged into the original bf16 checkpoint rather than into the NF4 weights it was trained against."""
-    from peft import PeftModel
-
-    model = models.load_model(spec, model_dir, models.choose_precision(False))
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
@@ -276,7 +268,7 @@ def main() -> None:
     rows = synthetic_tokenized_xsum(STEPS * EFFECTIVE_BATCH + 32)
     train, evaluation = rows.select(range(STEPS * EFFECTIVE_BATCH)), rows.select(range(STEPS * EFFECTIVE_BATCH, len(rows)))
     lengths = [len(ids) for ids in train["input_ids"]]
-    lora = sum(16 * (a + b) for a, b in [(2560, 2560)] * 4 + [(2560, 10240), (10240, 2560)]) * 32
+    lora = expected_trainable_parameters(model, target_modules_for(model, BEST), BEST.lora_r)
     flops_per_token = gpu_metrics.train_flops(model.config, lengths, lora) / sum(lengths)
     details["data"] = {"train_rows": len(train), "mean_tokens": round(float(np.mean(lengths)), 1), "max_tokens": max(lengths),
                        "flops_per_token": flops_per_token}
@@ -297,10 +289,10 @@ def main() -> None:
     profile_settings = PROFILES["phi2"].generation  # greedy, 60 new tokens, batch from free memory
     unmerged = dataclasses.replace(profile_settings, merged_bf16=False, cache="dynamic")
     outputs: dict[str, list] = {}
-    probes = teacher_forcing_probes(tokenizer, articles)
+    probes = teacher_forcing_probes(tokenizer, articles, profile_settings)
     reference: dict = {}
     with contextlib.ExitStack() as stack:
-        adapted = stack.enter_context(generate.adapted(model, adapter)) if adapter.is_dir() else model
+        adapted = stack.enter_context(models.adapted(model, adapter)) if adapter.is_dir() else model
         phase("reference log-probs 4-bit", 30, lambda: reference.update(next_token_logprobs(adapted, probes)))
         phase("generate sequential", 60, lambda: outputs.__setitem__("sequential", generation_run(
             "sequential", adapted, tokenizer, articles[:SEQUENTIAL_ARTICLES], dataclasses.replace(unmerged, batch_size=1, sort_by_length=False))))
@@ -310,7 +302,7 @@ def main() -> None:
     # the profile's path (the adapter merged into the dequantized NF4 weights it was trained against), and the same
     # adapter merged into the original bf16 checkpoint instead, to show why the profile merges into NF4
     loaders = {"merged_bf16": lambda: generate.load_merged_bf16(spec, model_dir, adapter),
-               "merged_checkpoint_bf16": lambda: checkpoint_merge(spec, model_dir, adapter)}
+               "merged_checkpoint_bf16": lambda: generate.load_merged_bf16(dataclasses.replace(spec, load_in_4bit=False), model_dir, adapter)}
     for kind, loader in loaders.items():
         merged = {}
         phase(f"load {kind}", 60, lambda loader=loader: merged.__setitem__("model", loader()))

@@ -21,6 +21,10 @@ import torch
 PEAK_BF16_FLOPS = 790e12  # dense bf16 matmul measured on this workplace's H200 (KINDS.md: 769-798 TFLOP/s)
 
 
+def gib(value: float) -> float:
+    return round(value / 2**30, 2)
+
+
 def matmul_parameters(config) -> int:
     h, i, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     return layers * (4 * h * h + 2 * h * i) + h * vocab

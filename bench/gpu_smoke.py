@@ -21,10 +21,11 @@ import torch
 from bench import gpu_metrics
 from bench.phi2_shape import EOS_ID, save_phi2_shape, synthetic_articles, synthetic_tokenized_xsum, xsum_lengths
 from phi2_assets.ml.models import ModelSpec, choose_precision, load_model
+from phi2_assets.ml.train import TARGET_MODULES_BY_ARCHITECTURE
 
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 MODEL_DIR = Path("/tmp/phi2-shape")
-PHI_TARGETS = ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+PHI_TARGETS = list(TARGET_MODULES_BY_ARCHITECTURE["phi"])
 results: dict = {}
 
 
@@ -41,10 +42,6 @@ def guarded(name: str, fn):
         traceback.print_exc()
         record(f"{name}_error", f"{type(error).__name__}: {error}"[:500])
         return None
-
-
-def gib(value: int) -> float:
-    return round(value / 2**30, 2)
 
 
 def batches(rng: np.random.Generator) -> dict[str, dict]:
@@ -132,7 +129,7 @@ def lever_probe(model) -> None:
         flops = gpu_metrics.train_flops(base.config, lengths, lora_count)
         record(f"lever {name}", {
             "tok_s": round(sum(lengths) / seconds), "mfu": round(gpu_metrics.mfu(flops, seconds), 3),
-            "peak_gib": gib(torch.cuda.max_memory_allocated()), "step_s": round(seconds, 3), "first_step_s": round(times[0], 2),
+            "peak_gib": gpu_metrics.gib(torch.cuda.max_memory_allocated()), "step_s": round(seconds, 3), "first_step_s": round(times[0], 2),
             "loss": round(float(loss), 3), "tokens": sum(lengths),
         })
 
@@ -195,7 +192,7 @@ def project_generation(model, tokenizer) -> None:
             result = generate_summaries(model, tokenizer, chosen, settings)
             record(f"generate {label}", {
                 "per_s": round(result.summaries_per_second, 3), "success": result.success_rate, "batch": result.batch_size,
-                "seconds": round(result.seconds, 2), "peak_gib": gib(torch.cuda.max_memory_allocated()),
+                "seconds": round(result.seconds, 2), "peak_gib": gpu_metrics.gib(torch.cuda.max_memory_allocated()),
                 "new_tokens": float(np.mean([r.new_tokens for r in result.records])), "sample": result.records[0].text[:60],
             })
         guarded(f"generate {label}", generate_once)
@@ -221,7 +218,7 @@ def main() -> None:
     from phi2_assets.ml.models import load_tokenizer
 
     tokenizer = load_tokenizer(spec, str(MODEL_DIR))
-    record("load_4bit", {"seconds": round(time.perf_counter() - started, 1), "allocated_gib": gib(torch.cuda.memory_allocated()),
+    record("load_4bit", {"seconds": round(time.perf_counter() - started, 1), "allocated_gib": gpu_metrics.gib(torch.cuda.memory_allocated()),
                          "is_4bit": bool(getattr(model, "is_loaded_in_4bit", False)), "fc1": type(model.model.layers[0].mlp.fc1).__name__})
     guarded("lever_probe", lambda: lever_probe(model))
     guarded("project_training", lambda: project_training(model, tokenizer))

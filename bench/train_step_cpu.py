@@ -10,6 +10,8 @@ default) and then only the positions with a label (what `train_lora` makes TRL d
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -21,20 +23,17 @@ from peft import LoraConfig, get_peft_model
 
 from phi2_assets.ml import models, sources
 from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
-from phi2_assets.ml.train import TARGET_MODULES_BY_ARCHITECTURE, TrainSettings, train_lora
+from phi2_assets.ml.train import TARGET_MODULES_BY_ARCHITECTURE, _supervised_positions_only_on_cpu, train_lora
 from phi2_assets.profiles import PROFILES, data_dir
 
 
 def fused_step_seconds(model, batch: dict[str, torch.Tensor], labelled_only: bool) -> float:
-    """One forward + backward through TRL's fused LM head, projecting every position or only the labelled ones."""
-    triton_only = trl_utils._use_triton
-    trl_utils._use_triton = (lambda device: True) if labelled_only else triton_only
-    try:
+    """One forward + backward through TRL's fused LM head, projecting every position or, as `train_lora` makes it
+    on CPU, only the labelled ones."""
+    with _supervised_positions_only_on_cpu() if labelled_only else contextlib.nullcontext():
         started = time.perf_counter()
         model(**batch, fused_lm_head=True).loss.backward()
         return time.perf_counter() - started
-    finally:
-        trl_utils._use_triton = triton_only
 
 
 def main() -> None:
@@ -77,8 +76,7 @@ def main() -> None:
     model = peft_model.unload()
     model.__dict__.pop("forward", None)
 
-    offline = PROFILES["offline"].train
-    bench_settings = TrainSettings(**{**offline.__dict__, "max_steps": args.steps, "per_device_batch_size": args.batch, "logging_steps": 1, "save_steps": 1_000})
+    bench_settings = dataclasses.replace(PROFILES["offline"].train, max_steps=args.steps, per_device_batch_size=args.batch, logging_steps=1, save_steps=1_000)
     with tempfile.TemporaryDirectory() as scratch:
         artifact = train_lora(model, tokenizer, train, evaluation, bench_settings, Path(scratch) / "adapter", Path(scratch) / "checkpoints", print)
     print(f"train_lora: {artifact.seconds_per_step:.2f} s/step, {artifact.tokens_per_second:.0f} tokens/s over {artifact.steps} steps of batch {args.batch}")
