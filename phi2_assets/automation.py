@@ -10,20 +10,16 @@ follows_new_adapter = (
     dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
 ).with_label("follows a new adapter")
 
-# Steps run one after another in the run's process: the base model resource loads once per process, so every
-# step shares one load (a process per step would reload it each time, and spend a minute importing torch on a
-# busy CPU); on one GPU, or two CPU cores, model steps could not overlap anyway.
+# Both jobs run in process, the default `Definitions` sets (phi2_assets/definitions.py).
 phi2_pipeline = dg.define_asset_job(
     "phi2_pipeline",
     selection=dg.AssetSelection.all(),
-    executor_def=dg.in_process_executor,
     description="The whole graph in one run: data, training, evaluation.",
 )
 
 evaluation_job = dg.define_asset_job(
     "evaluation_job",
     selection=dg.AssetSelection.groups(EVALUATION_GROUP),
-    executor_def=dg.in_process_executor,
     description="Evaluation only: summaries of the base model and of the current adapter, template comparison, ROUGE report.",
 )
 

@@ -7,9 +7,10 @@ import datasets
 import pandas as pd
 
 from phi2_assets.assets.data import TRAINING_SPLITS, cleaned_key, raw_key
+from phi2_assets.ml import generate
 from phi2_assets.ml.reports import RougeReport
 from phi2_assets.ml.sources import COLUMNS, SPLITS
-from phi2_assets.ml.tokenization import IGNORE_INDEX, PromptEncoder
+from phi2_assets.ml.tokenization import IGNORE_INDEX, token_ids
 from phi2_assets.ml.train import AdapterArtifact, adapter_parameter_count
 from phi2_assets.resources import BaseModelResource
 
@@ -50,13 +51,14 @@ def tokenized_sequences_fit(
     event = context.instance.get_latest_materialization_event(dg.AssetKey("tokenized_xsum"))
     max_length = int(event.asset_materialization.metadata["max_length"].value)
     tokenizer = base_model.tokenizer()
-    eos = PromptEncoder.create(tokenizer, "seed").eos_id
     summaries = pd.concat([cleaned_train, cleaned_validation]).set_index("id")["summary"]
     problems, checked = [], 0
     for split, rows in tokenized_xsum.items():
-        for row_id, input_ids, labels in zip(rows["id"], rows["input_ids"], rows["labels"]):
+        # the summaries encoded the way tokenization encoded them: one batch through the tokenizer's backend
+        references = token_ids(tokenizer, summaries.loc[rows["id"]].tolist())
+        for row_id, input_ids, labels, reference in zip(rows["id"], rows["input_ids"], rows["labels"], references):
             supervised = [token for token in labels if token != IGNORE_INDEX]
-            expected = [*tokenizer(summaries[row_id], add_special_tokens=False)["input_ids"], eos]
+            expected = [*reference, tokenizer.eos_token_id]
             if len(input_ids) > max_length:
                 problems.append(f"{split}/{row_id}: {len(input_ids)} tokens > max_length {max_length}")
             elif not supervised:
@@ -115,12 +117,9 @@ def generation_success(key: dg.AssetKey, frame: pd.DataFrame, minimum: float = M
     rate = float((frame["status"] == "ok").mean()) if len(frame) else 0.0
     counts = frame["status"].value_counts().to_dict()
     problems = [] if rate >= minimum else [f"success rate {rate:.1%} < {minimum:.0%} ({counts})"]
-    errors = frame.loc[frame["status"] == "error", "error"]
     return dg.AssetCheckResult(
         asset_key=key, check_name="generation_success_rate", passed=not problems, severity=dg.AssetCheckSeverity.ERROR,
-        description="; ".join(problems) if problems else "ok",
-        metadata={"success_rate": round(rate, 4), "rows": len(frame), "empty": int(counts.get("empty", 0)),
-                  "errors": int(counts.get("error", 0)), "first_error": errors.iloc[0] if len(errors) else ""},
+        description="; ".join(problems) if problems else "ok", metadata=generate.status_figures(frame),
     )
 
 

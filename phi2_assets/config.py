@@ -17,6 +17,7 @@ import pydantic
 from phi2_assets.profiles import PROFILE
 from phi2_assets.ml.cleaning import CleaningSettings
 from phi2_assets.ml.generate import EvaluationSetSettings, GenerationSettings, TemplateComparisonSettings
+from phi2_assets.ml.settings import settings_from_mapping
 from phi2_assets.ml.tokenization import TokenizeSettings
 from phi2_assets.ml.train import TrainSettings
 
@@ -45,11 +46,7 @@ def to_settings(settings_cls: type[Settings], config: dg.Config) -> Settings:
     """The validated settings dataclass for a run's config (raises ValueError for impossible values).
 
     Fields a stage's config adds beside its settings (`LoraAdapterConfig.launcher`) are not passed on."""
-    hints = typing.get_type_hints(settings_cls)
-    values = {}
-    for key, value in config.model_dump(include=set(hints)).items():
-        values[key] = tuple(value) if typing.get_origin(hints[key]) is tuple and value is not None else value
-    return settings_cls(**values)
+    return settings_from_mapping(settings_cls, config.model_dump(include={f.name for f in dataclasses.fields(settings_cls)}))
 
 
 CleaningConfig = config_class("CleaningConfig", CleaningSettings, PROFILE.cleaning, "Cleaning rules and sample caps")

@@ -20,7 +20,8 @@ defs = dg.Definitions(
     schedules=[weekly_reevaluation],
     sensors=[evaluation_follows_adapter],
     resources={**default_resources(), "io_manager": Phi2IOManager(base_dir=str(data_dir() / "assets"))},
-    # The UI's "Materialize all" and single-asset launches too: one process and one model load per run, where
-    # the multiprocess default imports torch and reloads the model in a new process for every step.
+    # Every job and the UI's launches: steps run one after another in the run's process, so the base model
+    # resource loads once per run, where the multiprocess default imports torch and reloads the model in a new
+    # process for every step; on one GPU, or two CPU cores, model steps could not overlap anyway.
     executor=dg.in_process_executor,
 )

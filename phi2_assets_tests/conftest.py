@@ -53,9 +53,9 @@ def materialize(defs, instance):
 def tiny_phi():
     """(spec, model dir) of the tiny random Phi, built once under the session's data dir."""
     from phi2_assets.ml import models
-    from phi2_assets.profiles import data_dir
+    from phi2_assets.profiles import PROFILES, data_dir
 
-    spec = models.ModelSpec(source="tiny", name_or_path="tiny-phi", load_in_4bit=False)
+    spec = PROFILES["tiny"].model
     return spec, models.resolve_model_dir(spec, data_dir() / "models")
 
 

@@ -8,7 +8,6 @@ and one run of `phi2_pipeline`.
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,6 +19,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import requests
+
+from phi2_assets.launch.train_entry import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRACKED_INSTANCE_YAML = REPO / "data" / "dagster_home" / "dagster.yaml"
@@ -95,12 +96,6 @@ LOCATION_STATUSES = """
     }
   }
 }"""
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class GraphQLError(AssertionError):
@@ -239,7 +234,7 @@ def start_deployment(root: Path) -> DagsterDeployment:
            # Code servers otherwise wait out a 60 s grace for open RPCs (the webserver's stream) after SIGTERM.
            "DAGSTER_GRPC_SHUTDOWN_GRACE_PERIOD": "3"}
     env.pop("PHI2_XSUM_DIR", None)
-    port = free_loopback_port()
+    port = free_port()
     bin_dir = Path(sys.executable).parent
     commands = {
         "webserver": [str(bin_dir / "dagster-webserver"), "-h", "127.0.0.1", "-p", str(port), "-w", "workspace.yaml"],

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from phi2_assets.ml import models, sources
-from phi2_assets.ml.generate import GenerationSettings, adapted, generate_summaries, load_merged_bf16, stop_token_ids
+from phi2_assets.ml.generate import GenerationSettings, generate_summaries, load_merged_bf16, stop_token_ids
+from phi2_assets.ml.models import adapted
 from phi2_assets_tests.conftest import tiny_phi
 
 SETTINGS = GenerationSettings(max_new_tokens=12, batch_size=3, max_prompt_tokens=200)

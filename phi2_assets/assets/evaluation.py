@@ -2,23 +2,23 @@
 and the ROUGE report. Every summary asset reads `evaluation_xsum`, so all of them score the same rows.
 """
 
+import contextlib
 import dataclasses
 
 import dagster as dg
 import pandas as pd
 
-from phi2_assets.automation import follows_new_adapter
+from phi2_assets.assets.data import OWNERS
+from phi2_assets.automation import EVALUATION_GROUP, follows_new_adapter
 from phi2_assets.config import EvaluationSetConfig, SummariesConfig, TemplateComparisonConfig, to_settings
 from phi2_assets.metadata import png_markdown, table_markdown
-from phi2_assets.ml import generate, reports, stats
+from phi2_assets.ml import generate, models, reports, stats
 from phi2_assets.ml.cleaning import word_counts
-from phi2_assets.ml.scoring import ROUGE_TYPES, score_pairs, summarize_scores
+from phi2_assets.ml.scoring import ROUGE_TYPES, score_pairs
 from phi2_assets.ml.train import AdapterArtifact
 from phi2_assets.profiles import PROFILE, data_dir
 from phi2_assets.resources import BaseModelResource
 
-OWNERS = ["team:ml-platform"]
-GROUP = "evaluation"
 PREVIEW_ROWS = 8
 # Log a progress line about this often (in batches) while generating.
 PROGRESS_LINES = 10
@@ -26,7 +26,7 @@ PROGRESS_LINES = 10
 
 @dg.asset(
     ins={split: dg.AssetIn(key=dg.AssetKey(["cleaned_xsum", split])) for split in generate.EVALUATION_SPLITS},
-    group_name=GROUP, kinds={"pandas", "parquet"}, owners=OWNERS, code_version="1",
+    group_name=EVALUATION_GROUP, kinds={"pandas", "parquet"}, owners=OWNERS, code_version="1",
 )
 def evaluation_xsum(config: EvaluationSetConfig, validation: pd.DataFrame, test: pd.DataFrame) -> dg.Output[pd.DataFrame]:
     """The rows every evaluation asset uses (split and cap from config): one selection, so zero-shot, fine-tuned
@@ -34,7 +34,7 @@ def evaluation_xsum(config: EvaluationSetConfig, validation: pd.DataFrame, test:
     settings = to_settings(generate.EvaluationSetSettings, config)
     rows = settings.select({"validation": validation, "test": test}[settings.split])
     return dg.Output(rows, metadata={
-        "split": settings.split, "rows": len(rows), **stats.xsum_eda(rows), "preview": table_markdown(stats.preview(rows)),
+        "split": settings.split, **stats.xsum_eda(rows), "preview": table_markdown(stats.preview(rows)),
     })
 
 
@@ -55,16 +55,11 @@ def _generate(context, model, tokenizer, rows: pd.DataFrame, settings: generate.
     records = pd.DataFrame([dataclasses.asdict(record) for record in result.records])
     frame = pd.concat([rows[["id", "document", "summary"]].reset_index(drop=True), records.rename(columns={"text": "generated"})], axis=1)
     ok = frame[frame["status"] == "ok"]
-    errors = frame.loc[frame["status"] == "error", "error"]
     preview = pd.DataFrame({
         "article": frame["document"].str.slice(0, 100), "reference": frame["summary"], "generated": frame["generated"], "status": frame["status"],
     })
     return dg.Output(frame, metadata={
-        "rows": len(frame),
-        "success_rate": round(result.success_rate, 4),
-        "empty": int((frame["status"] == "empty").sum()),
-        "errors": len(errors),
-        "first_error": errors.iloc[0] if len(errors) else "",
+        **generate.status_figures(frame),
         "mean_words": round(float(word_counts(ok["generated"]).mean()), 1) if len(ok) else 0.0,
         "hit_token_limit_share": round(float(frame["hit_token_limit"].mean()), 3) if len(frame) else 0.0,
         "summaries_per_second": round(result.summaries_per_second, 3),
@@ -77,21 +72,35 @@ def _generate(context, model, tokenizer, rows: pd.DataFrame, settings: generate.
     })
 
 
-@dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "huggingface", "parquet"}, owners=OWNERS, code_version="1")
+@contextlib.contextmanager
+def _summary_model(base_model: BaseModelResource, settings: generate.GenerationSettings, adapter_path: str | None = None):
+    """The model summaries come from: the adapter merged into a dense copy of the base when `merged_bf16` asks for
+    it (without an adapter that copy only differs from the shared base when the base is 4-bit), else the shared
+    base, with the adapter attached for the step."""
+    if settings.merged_bf16 and (adapter_path or base_model.precision().quantized_4bit):
+        yield generate.load_merged_bf16(base_model.spec, base_model.model_dir(), adapter_path)
+        return
+    model, _ = base_model.load()
+    if adapter_path is None:
+        yield model
+        return
+    with models.adapted(model, adapter_path) as with_adapter:
+        yield with_adapter
+
+
+@dg.asset(group_name=EVALUATION_GROUP, pool="gpu", kinds={"pytorch", "huggingface", "parquet"}, owners=OWNERS, code_version="1")
 def baseline_summaries(
     context: dg.AssetExecutionContext, config: SummariesConfig, base_model: BaseModelResource, evaluation_xsum: pd.DataFrame,
 ) -> dg.Output[pd.DataFrame]:
     """Zero-shot summaries of the base model on the evaluation rows: the bar the adapter has to clear.
     One row per article with its status (ok / empty / error); nothing is dropped."""
     settings = to_settings(generate.GenerationSettings, config)
-    if settings.merged_bf16:
-        return _generate(context, generate.load_merged_bf16(base_model.spec, base_model.model_dir(), None), base_model.tokenizer(), evaluation_xsum, settings, "zero-shot")
-    model, tokenizer = base_model.load()
-    return _generate(context, model, tokenizer, evaluation_xsum, settings, "zero-shot")
+    with _summary_model(base_model, settings) as model:
+        return _generate(context, model, base_model.tokenizer(), evaluation_xsum, settings, "zero-shot")
 
 
 @dg.asset(
-    group_name=GROUP, pool="gpu", kinds={"pytorch", "peft", "parquet"}, owners=OWNERS, code_version="1",
+    group_name=EVALUATION_GROUP, pool="gpu", kinds={"pytorch", "peft", "parquet"}, owners=OWNERS, code_version="1",
     automation_condition=follows_new_adapter,
 )
 def finetuned_summaries(
@@ -99,19 +108,16 @@ def finetuned_summaries(
     evaluation_xsum: pd.DataFrame, lora_adapter: AdapterArtifact,
 ) -> dg.Output[pd.DataFrame]:
     """Summaries of the base model with the trained LoRA adapter, same rows and decoding as the zero-shot ones.
-    The adapter is attached for this step and removed after, so the shared base model stays clean."""
+    The adapter is attached for this step and removed after (or merged into a separate copy), so the shared base
+    model stays clean."""
     settings = to_settings(generate.GenerationSettings, config)
     context.log.info(f"adapter {lora_adapter.path}")
-    if settings.merged_bf16:
-        merged = generate.load_merged_bf16(base_model.spec, base_model.model_dir(), lora_adapter.path)
-        return _generate(context, merged, base_model.tokenizer(), evaluation_xsum, settings, "fine-tuned")
-    model, tokenizer = base_model.load()
-    with generate.adapted(model, lora_adapter.path) as with_adapter:
-        output = _generate(context, with_adapter, tokenizer, evaluation_xsum, settings, "fine-tuned")
+    with _summary_model(base_model, settings, lora_adapter.path) as model:
+        output = _generate(context, model, base_model.tokenizer(), evaluation_xsum, settings, "fine-tuned")
     return dg.Output(output.value, metadata={**output.metadata, "adapter": dg.MetadataValue.path(lora_adapter.path)})
 
 
-@dg.asset(group_name=GROUP, pool="gpu", kinds={"pytorch", "huggingface", "parquet"}, owners=OWNERS, code_version="1")
+@dg.asset(group_name=EVALUATION_GROUP, pool="gpu", kinds={"pytorch", "huggingface", "parquet"}, owners=OWNERS, code_version="1")
 def prompt_template_report(
     context: dg.AssetExecutionContext, config: TemplateComparisonConfig, base_model: BaseModelResource, evaluation_xsum: pd.DataFrame,
 ) -> dg.Output[pd.DataFrame]:
@@ -123,14 +129,15 @@ def prompt_template_report(
     table = []
     for template in settings.templates:
         result = generate.generate_summaries(model, tokenizer, rows["document"].tolist(), dataclasses.replace(PROFILE.generation, template=template))
-        scores = summarize_scores(score_pairs([r.text for r in result.records], rows["summary"].tolist()))
+        texts = [record.text for record in result.records]
+        means = score_pairs(texts, rows["summary"].tolist()).mean()  # a ranking needs the means, not intervals
         table.append({
-            "template": template, **{name: round(scores[name].mean, 4) for name in ROUGE_TYPES},
+            "template": template, **{name: round(float(means[name]), 4) for name in ROUGE_TYPES},
             "success_rate": round(result.success_rate, 4),
-            "mean_words": round(float(word_counts(pd.Series([r.text for r in result.records])).mean()), 1),
+            "mean_words": round(float(word_counts(pd.Series(texts)).mean()), 1),
             "summaries_per_second": round(result.summaries_per_second, 3),
         })
-        context.log.info(f"template {template}: ROUGE-L {scores['rougeL'].mean:.4f}")
+        context.log.info(f"template {template}: ROUGE-L {means['rougeL']:.4f}")
     frame = pd.DataFrame(table).sort_values("rougeL", ascending=False).reset_index(drop=True)
     return dg.Output(frame, metadata={
         "best_template": frame["template"].iloc[0], "best_rougeL": float(frame["rougeL"].iloc[0]),
@@ -139,7 +146,7 @@ def prompt_template_report(
 
 
 @dg.asset(
-    group_name=GROUP, kinds={"pandas", "json"}, owners=OWNERS, code_version="1",
+    group_name=EVALUATION_GROUP, kinds={"pandas", "json"}, owners=OWNERS, code_version="1",
     automation_condition=follows_new_adapter,
 )
 def rouge_report(

@@ -4,6 +4,7 @@
 import dagster as dg
 import datasets
 
+from phi2_assets.assets.data import OWNERS
 from phi2_assets.config import LoraAdapterConfig, to_settings
 from phi2_assets.launch.accelerate_pipes import train_with_accelerate
 from phi2_assets.metadata import png_markdown
@@ -13,7 +14,6 @@ from phi2_assets.ml.train import AdapterArtifact, TrainSettings, train_lora
 from phi2_assets.profiles import data_dir
 from phi2_assets.resources import BaseModelResource
 
-OWNERS = ["team:ml-platform"]
 
 
 @dg.asset(

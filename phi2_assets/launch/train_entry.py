@@ -19,7 +19,6 @@ import os
 import shutil
 import socket
 import sys
-import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import datasets
 import torch
 
 from phi2_assets.ml import models
+from phi2_assets.ml.settings import settings_from_mapping
 from phi2_assets.ml.train import AdapterArtifact, TrainSettings, train_lora
 
 ARTIFACT_MESSAGE = "adapter_artifact"
@@ -45,12 +45,7 @@ class TrainingJob:
     checkpoint_dir: str
 
     def train_settings(self) -> TrainSettings:
-        hints = typing.get_type_hints(TrainSettings)
-        values = {
-            key: tuple(value) if typing.get_origin(hints[key]) is tuple and value is not None else value
-            for key, value in self.settings.items()
-        }
-        return TrainSettings(**values)
+        return settings_from_mapping(TrainSettings, self.settings)
 
     def model_spec(self) -> models.ModelSpec:
         return models.ModelSpec(**self.model, hub_token=os.environ.get("HF_TOKEN"))

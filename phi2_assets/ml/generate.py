@@ -7,11 +7,10 @@ article yields one `GenerationRecord` with a status: `ok`, `empty` (nothing befo
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +19,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from phi2_assets.ml import models
 from phi2_assets.ml.prompts import TEMPLATES, split_template
+from phi2_assets.ml.settings import documented
 from phi2_assets.ml.tokenization import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,12 @@ _CPU_BATCH = 8
 _STATIC_CACHE_ROUNDING = 64
 
 
-def _doc(text: str, default: object) -> object:
-    return dataclasses.field(default=default, metadata={"doc": text})
-
-
 @dataclasses.dataclass(frozen=True)
 class EvaluationSetSettings:
     """Which cleaned rows every evaluation asset uses; the defaults are the seed's 500 validation samples."""
 
-    split: str = _doc("cleaned split to evaluate: validation or test (never train)", "validation")
-    samples: int | None = _doc("the split's first N rows; null = every row", 500)
+    split: str = documented("cleaned split to evaluate: validation or test (never train)", "validation")
+    samples: int | None = documented("the split's first N rows; null = every row", 500)
 
     def __post_init__(self) -> None:
         if self.split not in EVALUATION_SPLITS:
@@ -62,8 +58,8 @@ class EvaluationSetSettings:
 class TemplateComparisonSettings:
     """Zero-shot comparison of prompt templates (the seed's prompt-engineering notebook)."""
 
-    templates: tuple[str, ...] = _doc("templates to compare, by name", tuple(TEMPLATES))
-    samples: int = _doc("evaluation rows per template (the first N)", 50)
+    templates: tuple[str, ...] = documented("templates to compare, by name", tuple(TEMPLATES))
+    samples: int = documented("evaluation rows per template (the first N)", 50)
 
     def __post_init__(self) -> None:
         for template in self.templates:
@@ -76,15 +72,15 @@ class TemplateComparisonSettings:
 class GenerationSettings:
     """Decoding knobs; the defaults are the seed's (`phi2` profile)."""
 
-    template: str = _doc("prompt template; must be the one the adapter was trained with", "seed")
-    max_new_tokens: int = _doc("new tokens at most per summary (never max_length: the prompt does not count)", 60)
-    num_beams: int = _doc("beams; 1 = greedy", 1)
-    batch_size: int = _doc("prompts per generate call; 0 = from free memory on CUDA (8 on CPU)", 0)
-    max_prompt_tokens: int = _doc("prompt budget; the article is truncated to fit, never the template", 1_066)
-    sort_by_length: bool = _doc("batch prompts of similar length together, shortest first (less padding, shorter caches); output keeps input order", True)
-    cache: str = _doc("KV cache: `dynamic`, or `static` (preallocated, needed for compiled decoding)", "dynamic")
-    compile: bool = _doc("torch.compile the decoding step (CUDA with a static cache; transformers' auto-compile)", False)
-    merged_bf16: bool = _doc("evaluate on a bf16 copy of the base with the adapter merged in, instead of 4-bit + LoRA", False)
+    template: str = documented("prompt template; must be the one the adapter was trained with", "seed")
+    max_new_tokens: int = documented("new tokens at most per summary (never max_length: the prompt does not count)", 60)
+    num_beams: int = documented("beams; 1 = greedy", 1)
+    batch_size: int = documented("prompts per generate call; 0 = from free memory on CUDA (8 on CPU)", 0)
+    max_prompt_tokens: int = documented("prompt budget; the article is truncated to fit, never the template", 1_066)
+    sort_by_length: bool = documented("batch prompts of similar length together, shortest first (less padding, shorter caches); output keeps input order", True)
+    cache: str = documented("KV cache: `dynamic`, or `static` (preallocated, needed for compiled decoding)", "dynamic")
+    compile: bool = documented("torch.compile the decoding step (CUDA with a static cache; transformers' auto-compile)", False)
+    merged_bf16: bool = documented("evaluate on a bf16 copy of the base with the adapter merged in, instead of 4-bit + LoRA", False)
 
     def __post_init__(self) -> None:
         split_template(self.template)  # raises for an unknown template
@@ -123,6 +119,19 @@ class GenerationResult:
     @property
     def success_rate(self) -> float:
         return sum(r.status == "ok" for r in self.records) / len(self.records) if self.records else 0.0
+
+
+def status_figures(summaries: pd.DataFrame) -> dict[str, object]:
+    """Row count, share with status `ok`, empty and error counts, and the first error, of a summaries table."""
+    status = summaries["status"]
+    errors = summaries.loc[status == "error", "error"]
+    return {
+        "rows": len(summaries),
+        "success_rate": round(float((status == "ok").mean()), 4) if len(summaries) else 0.0,
+        "empty": int((status == "empty").sum()),
+        "errors": len(errors),
+        "first_error": errors.iloc[0] if len(errors) else "",
+    }
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> list[int]:
@@ -219,6 +228,7 @@ def generate_summaries(
     batch_size = auto_batch_size(model, max((len(p) for p in prompts), default=0), settings)
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
+    stop_set = set(stop_ids)
     records: list[GenerationRecord | None] = [None] * len(prompts)
     padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"  # batched decoding: every prompt ends where generation starts
@@ -228,7 +238,7 @@ def generate_summaries(
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chosen = order[start:start + batch_size]
-                batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, set(stop_ids), settings.cache == "static")
+                batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, stop_set, settings.cache == "static")
                 for index, record in zip(chosen, batch):
                     records[index] = record
                 if on_progress:
@@ -237,18 +247,6 @@ def generate_summaries(
         tokenizer.padding_side = padding_side
         model.train(was_training)
     return GenerationResult(records=list(records), seconds=time.perf_counter() - started, batch_size=batch_size)
-
-
-@contextlib.contextmanager
-def adapted(base: PreTrainedModel, adapter_path: str | Path) -> Iterator[PreTrainedModel]:
-    """The base with the LoRA adapter attached; the shared base comes back clean (adapter layers removed)."""
-    from peft import PeftModel
-
-    peft_model = PeftModel.from_pretrained(base, str(adapter_path), is_trainable=False)
-    try:
-        yield peft_model
-    finally:
-        peft_model.unload()
 
 
 def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str | Path | None) -> PreTrainedModel:

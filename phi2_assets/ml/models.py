@@ -8,16 +8,22 @@ tiny  a randomly initialised PhiForCausalLM with a tokenizer trained on the samp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import platform
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from phi2_assets.ml import sources
 from phi2_assets.ml.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 log = logging.getLogger(__name__)
 MODEL_SOURCES = ("hub", "local", "gguf", "tiny")
@@ -194,3 +200,29 @@ def ensure_tiny_phi(cache_dir: Path) -> Path:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     return target
+
+
+@contextlib.contextmanager
+def adapted(base: PreTrainedModel, adapter_path: str | Path) -> Iterator[PeftModel]:
+    """The shared base with a saved LoRA adapter attached; it comes back as it was (see `restore_base_model`)."""
+    from peft import PeftModel
+
+    requires_grad = {name: p.requires_grad for name, p in base.named_parameters()}
+    peft_model = PeftModel.from_pretrained(base, str(adapter_path), is_trainable=False)
+    try:
+        yield peft_model
+    finally:
+        restore_base_model(peft_model, requires_grad)
+
+
+def restore_base_model(peft_model: PeftModel, requires_grad: dict[str, bool]) -> None:
+    """Undo what training did to the shared base model: LoRA layers (removed, not merged), TRL's fused-head
+    forward, activation checkpointing, the input-gradient hook, frozen parameters, train mode."""
+    base = peft_model.unload()
+    base.__dict__.pop("forward", None)  # TRL's fused LM head is an instance attribute over the class's forward
+    if base.is_activation_checkpointing:
+        base.activation_checkpointing_disable()
+    base.disable_input_require_grads()
+    for name, parameter in base.named_parameters():
+        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
+    base.eval()

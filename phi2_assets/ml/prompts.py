@@ -28,7 +28,3 @@ def split_template(name: str) -> tuple[str, str]:
 def format_prompt(name: str, article: str) -> str:
     return template_text(name).format(article=article)
 
-
-def format_training_text(name: str, article: str, summary: str) -> str:
-    """The seed's full training text: prompt followed by the reference summary."""
-    return format_prompt(name, article) + summary

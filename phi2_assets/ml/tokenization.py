@@ -16,6 +16,7 @@ import pyarrow as pa
 from transformers import PreTrainedTokenizerBase
 
 from phi2_assets.ml.prompts import split_template
+from phi2_assets.ml.settings import documented
 
 IGNORE_INDEX = -100
 # An article keeps at least this many tokens, or the row is dropped as `summary_too_long`.
@@ -27,9 +28,9 @@ MIN_SUMMARY_TOKENS = 16
 class TokenizeSettings:
     """How training sequences are built; the `phi2` profile holds the seed's max length."""
 
-    template: str = dataclasses.field(default="seed", metadata={"doc": "prompt template name (phi2_assets.ml.prompts.TEMPLATES)"})
-    max_length: int = dataclasses.field(default=1_126, metadata={"doc": "tokens per sequence; the article is cut to fit, never the summary"})
-    batch_size: int = dataclasses.field(default=1_000, metadata={"doc": "rows per tokenizer call"})
+    template: str = documented("prompt template name (phi2_assets.ml.prompts.TEMPLATES)", "seed")
+    max_length: int = documented("tokens per sequence; the article is cut to fit, never the summary", 1_126)
+    batch_size: int = documented("rows per tokenizer call", 1_000)
 
     def __post_init__(self) -> None:
         split_template(self.template)  # raises for an unknown template
@@ -86,9 +87,9 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, template: str, articles: 
     return [encoder.prompt(ids, max_prompt_tokens - encoder.fixed_length) for ids in token_ids(tokenizer, articles)]
 
 
-def check_room_for_prompt(tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings) -> None:
+def check_room_for_prompt(encoder: PromptEncoder, settings: TokenizeSettings) -> None:
     """Fail before any work when `max_length` cannot hold the template, some article and a summary."""
-    fixed = PromptEncoder.create(tokenizer, settings.template).fixed_length
+    fixed = encoder.fixed_length
     needed = fixed + MIN_ARTICLE_TOKENS + MIN_SUMMARY_TOKENS
     if settings.max_length < needed:
         raise ValueError(
@@ -103,8 +104,8 @@ def tokenize_dataset(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
     Batches go straight from the tokenizer into Arrow columns: no `datasets.map`, whose per-batch cache writes
     and (with `num_proc`) per-process tokenizer copies cost more than the tokenizing itself on a 2-core machine.
     """
-    check_room_for_prompt(tokenizer, settings)
     encoder = PromptEncoder.create(tokenizer, settings.template)
+    check_room_for_prompt(encoder, settings)
     columns: dict[str, list] = {name: [] for name in ("id", "input_ids", "labels", "prompt_tokens", "article_truncated")}
     dropped = 0
     for start in range(0, len(rows), settings.batch_size):

@@ -22,12 +22,14 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
+from phi2_assets.ml import models
 from phi2_assets.ml.atomic import atomic_path
+from phi2_assets.ml.settings import documented
 
 log = logging.getLogger(__name__)
 
@@ -41,37 +43,32 @@ TARGET_MODULES_BY_ARCHITECTURE: dict[str, tuple[str, ...]] = {
 CPU_OPTIMIZER = "adamw_torch"
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-FINGERPRINT_FILE = "run_fingerprint.json"
-
-
-def _doc(text: str, default: object) -> object:
-    return dataclasses.field(default=default, metadata={"doc": text})
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
     """Every knob of the LoRA run; the `phi2` profile holds the seed notebooks' values."""
 
-    lora_r: int = _doc("LoRA rank", 16)
-    lora_alpha: int = _doc("LoRA scaling numerator (scale = alpha / r)", 32)
-    lora_dropout: float = _doc("dropout on the LoRA input", 0.05)
-    target_modules: tuple[str, ...] = _doc("linear layers to adapt; empty = by architecture (Phi: q,k,v,dense,fc1,fc2; Gemma: q,k,v,o,gate,up,down)", ())
-    learning_rate: float = _doc("peak learning rate", 2e-4)
-    epochs: float = _doc("passes over the training split", 3.0)
-    max_steps: int | None = _doc("optimizer steps cap (overrides epochs); null = run every epoch", None)
-    per_device_batch_size: int = _doc("sequences per forward pass (training and evaluation)", 2)
-    gradient_accumulation_steps: int = _doc("forward passes per optimizer step", 8)
-    optimizer: str = _doc("transformers optimizer name; bitsandbytes ones (paged_/8bit) become adamw_torch on CPU", "paged_adamw_8bit")
-    lr_scheduler: str = _doc("learning-rate schedule after warm-up", "cosine")
-    warmup_ratio: float = _doc("share of the steps spent warming the learning rate up", 0.03)
-    gradient_checkpointing: bool = _doc("recompute activations in the backward pass: less memory, ~30% more compute", True)
-    padding_free: bool = _doc("one unpadded row per batch; sdpa then masks a block-diagonal O(L^2) matrix, which only pays with flash-attention", False)
-    group_by_length: bool = _doc("batch sequences of similar length (less padding) instead of a uniformly random order", False)
-    bf16: bool = _doc("bf16 autocast where the model computes in bf16 (CUDA, CPUs with native bf16); off for an fp32 model", True)
-    logging_steps: int = _doc("optimizer steps between progress lines", 10)
-    eval_steps: int | None = _doc("optimizer steps between evaluations; null = evaluate at the end only", None)
-    save_steps: int = _doc("optimizer steps between checkpoints (a re-run with the same config resumes from the last)", 50)
-    seed: int = _doc("seed for LoRA initialisation and data order", 42)
+    lora_r: int = documented("LoRA rank", 16)
+    lora_alpha: int = documented("LoRA scaling numerator (scale = alpha / r)", 32)
+    lora_dropout: float = documented("dropout on the LoRA input", 0.05)
+    target_modules: tuple[str, ...] = documented("linear layers to adapt; empty = by architecture (Phi: q,k,v,dense,fc1,fc2; Gemma: q,k,v,o,gate,up,down)", ())
+    learning_rate: float = documented("peak learning rate", 2e-4)
+    epochs: float = documented("passes over the training split", 3.0)
+    max_steps: int | None = documented("optimizer steps cap (overrides epochs); null = run every epoch", None)
+    per_device_batch_size: int = documented("sequences per forward pass (training and evaluation)", 2)
+    gradient_accumulation_steps: int = documented("forward passes per optimizer step", 8)
+    optimizer: str = documented("transformers optimizer name; bitsandbytes ones (paged_/8bit) become adamw_torch on CPU", "paged_adamw_8bit")
+    lr_scheduler: str = documented("learning-rate schedule after warm-up", "cosine")
+    warmup_ratio: float = documented("share of the steps spent warming the learning rate up", 0.03)
+    gradient_checkpointing: bool = documented("recompute activations in the backward pass: less memory, ~30% more compute", True)
+    padding_free: bool = documented("one unpadded row per batch; sdpa then masks a block-diagonal O(L^2) matrix, which only pays with flash-attention", False)
+    group_by_length: bool = documented("batch sequences of similar length (less padding) instead of a uniformly random order", False)
+    bf16: bool = documented("bf16 autocast where the model computes in bf16 (CUDA, CPUs with native bf16); off for an fp32 model", True)
+    logging_steps: int = documented("optimizer steps between progress lines", 10)
+    eval_steps: int | None = documented("optimizer steps between evaluations; null = evaluate at the end only", None)
+    save_steps: int = documented("optimizer steps between checkpoints (a re-run with the same config resumes from the last)", 50)
+    seed: int = documented("seed for LoRA initialisation and data order", 42)
 
     def __post_init__(self) -> None:
         problems = []
@@ -231,7 +228,7 @@ def _supervised_positions_only_on_cpu() -> Iterator[None]:
         trl_utils._use_triton = triton_only
 
 
-def _sft_config(settings: TrainSettings, checkpoint_dir: Path, device: str, compute_bf16: bool) -> SFTConfig:
+def _sft_config(settings: TrainSettings, checkpoint_dir: Path, device: str, optimizer: str, compute_bf16: bool) -> SFTConfig:
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=settings.epochs,
@@ -242,7 +239,7 @@ def _sft_config(settings: TrainSettings, checkpoint_dir: Path, device: str, comp
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=settings.warmup_ratio,  # a float below 1 is a share of the steps
-        optim=resolve_optimizer(settings.optimizer, device),
+        optim=optimizer,
         gradient_checkpointing=settings.gradient_checkpointing,
         padding_free=settings.padding_free,
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
@@ -294,8 +291,8 @@ def train_lora(
     run_dir = Path(checkpoint_dir) / _fingerprint(model, settings, train_dataset, eval_dataset)
     last_checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
     compute_bf16 = model.dtype == torch.bfloat16 or bool(getattr(model, "is_loaded_in_4bit", False))
-    config = _sft_config(settings, run_dir, device, compute_bf16)
     optimizer = resolve_optimizer(settings.optimizer, device)
+    config = _sft_config(settings, run_dir, device, optimizer, compute_bf16)
     if optimizer != settings.optimizer:
         say(f"optimizer {optimizer}: {settings.optimizer} needs CUDA (bitsandbytes)")
 
@@ -336,7 +333,7 @@ def train_lora(
             tokenizer.save_pretrained(str(staging))
         say(f"adapter saved to {output_dir}")
     finally:
-        _restore_base_model(peft_model, requires_grad)
+        models.restore_base_model(peft_model, requires_grad)
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
 
     state = trainer.state
@@ -385,25 +382,8 @@ def _final_eval_loss(trainer: SFTTrainer) -> float:
 def adapter_parameter_count(model: PreTrainedModel, adapter_path: str) -> int:
     """LoRA parameters of the adapter at `adapter_path` once loaded onto `model` with `PeftModel.from_pretrained`;
     `model` is given back without the adapter."""
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    adapted = PeftModel.from_pretrained(model, adapter_path)
-    try:
-        return sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
-    finally:
-        _restore_base_model(adapted, requires_grad)
-
-
-def _restore_base_model(peft_model: PeftModel, requires_grad: dict[str, bool]) -> None:
-    """Undo what training did to the shared base model: LoRA layers (removed, not merged), TRL's fused-head
-    forward, activation checkpointing, the input-gradient hook, frozen parameters, train mode."""
-    base = peft_model.unload()
-    base.__dict__.pop("forward", None)  # TRL's fused LM head is an instance attribute over the class's forward
-    if base.is_activation_checkpointing:
-        base.activation_checkpointing_disable()
-    base.disable_input_require_grads()
-    for name, parameter in base.named_parameters():
-        parameter.requires_grad_(requires_grad.get(name, parameter.requires_grad))
-    base.eval()
+    with models.adapted(model, adapter_path) as with_adapter:
+        return sum(p.numel() for name, p in with_adapter.named_parameters() if "lora_" in name)
 
 
 def _peak_memory_mb(device: str) -> float:
