@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from phi2_assets.ml import models, sources
-from phi2_assets.ml.generate import GenerationSettings, generate_summaries, load_merged_bf16, stop_token_ids
+from phi2_assets.ml.generate import GenerationSettings, budget_batches, generate_summaries, load_merged_bf16, stop_token_ids
 from phi2_assets.ml.models import adapted
 from phi2_assets_tests.conftest import tiny_phi
 
@@ -103,3 +103,12 @@ def test_merged_weights_generate_what_the_unmerged_adapter_does(tiny, adapter_di
 def test_impossible_settings_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(SETTINGS, **change)
+
+
+def test_budget_batches_fill_each_batch_by_its_own_longest_prompt():
+    lengths = [100, 10, 30, 20, 500]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)  # 10, 20, 30, 100, 500
+    # caches round up to 64 slots: three short prompts take 3 x 64; with the 100-token one each row needs 128
+    assert budget_batches(lengths, order, max_new_tokens=10, token_slots=256) == [[1, 3, 2], [0], [4]]
+    assert budget_batches(lengths, order, max_new_tokens=10, token_slots=10_000) == [[1, 3, 2, 0, 4]]
+    assert budget_batches([], [], max_new_tokens=10, token_slots=256) == []

@@ -65,6 +65,7 @@ def _generate(context, model, tokenizer, rows: pd.DataFrame, settings: generate.
         "summaries_per_second": round(result.summaries_per_second, 3),
         "generation_seconds": round(result.seconds, 1),
         "batch_size": result.batch_size,
+        "batches": len(result.batch_sizes),
         "template": settings.template,
         "max_new_tokens": settings.max_new_tokens,
         "num_beams": settings.num_beams,

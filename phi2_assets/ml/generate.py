@@ -75,7 +75,7 @@ class GenerationSettings:
     template: str = documented("prompt template; must be the one the adapter was trained with", "seed")
     max_new_tokens: int = documented("new tokens at most per summary (never max_length: the prompt does not count)", 60)
     num_beams: int = documented("beams; 1 = greedy", 1)
-    batch_size: int = documented("prompts per generate call; 0 = from free memory on CUDA (8 on CPU)", 0)
+    batch_size: int = documented("prompts per generate call; 0 = as many as free memory holds, per batch of similar length, on CUDA (8 on CPU)", 0)
     max_prompt_tokens: int = documented("prompt budget; the article is truncated to fit, never the template", 1_066)
     sort_by_length: bool = documented("batch prompts of similar length together, shortest first (less padding, shorter caches); output keeps input order", True)
     cache: str = documented("KV cache: `dynamic`, or `static` (preallocated, needed for compiled decoding)", "dynamic")
@@ -110,7 +110,12 @@ class GenerationRecord:
 class GenerationResult:
     records: list[GenerationRecord]
     seconds: float
-    batch_size: int
+    batch_sizes: list[int]
+
+    @property
+    def batch_size(self) -> int:
+        """The largest batch."""
+        return max(self.batch_sizes, default=0)
 
     @property
     def summaries_per_second(self) -> float:
@@ -143,22 +148,48 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -
     return sorted(ids | {i for i, text in zip(candidates, decoded) if "\n" in text})
 
 
-def auto_batch_size(model: PreTrainedModel, longest_prompt: int, settings: GenerationSettings) -> int:
-    """The configured batch size, or on CUDA as many sequences as the KV cache fits in a share of free memory."""
-    if settings.batch_size:
-        return settings.batch_size
-    if model.device.type != "cuda":
-        return _CPU_BATCH
+def generation_memory_budget(model: PreTrainedModel) -> int:
+    """Bytes one batch's KV cache and prefill activations may take: a share of what is free on the device,
+    counting memory PyTorch's allocator holds cached but unused (an earlier batch's cache) as free."""
+    free, _ = torch.cuda.mem_get_info(model.device)
+    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
+    return int(free * _FREE_MEMORY_SHARE)
+
+
+def bytes_per_token(model: PreTrainedModel, settings: GenerationSettings) -> int:
+    """K and V of every layer, plus a prefill's hidden states (a few times the hidden size) as headroom."""
     config = model.config.get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     element = torch.finfo(torch.bfloat16).bits // 8
-    tokens = longest_prompt + settings.max_new_tokens
-    # K and V per layer, plus the hidden states of a prefill (a few times hidden size per token) as headroom.
-    per_sequence = tokens * (2 * config.num_hidden_layers * heads * head_dim + 8 * config.hidden_size) * element
-    per_sequence *= settings.num_beams
-    free, _ = torch.cuda.mem_get_info(model.device)
-    return max(1, min(_MAX_AUTO_BATCH, int(free * _FREE_MEMORY_SHARE // per_sequence)))
+    return (2 * config.num_hidden_layers * heads * head_dim + 8 * config.hidden_size) * element * settings.num_beams
+
+
+def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence[int], settings: GenerationSettings) -> list[list[int]]:
+    """Prompt indices per generate call, in `order`: fixed batches of the configured size (8 on CPU), or on CUDA
+    batches sized by free memory (`budget_batches`)."""
+    fixed = settings.batch_size or (_CPU_BATCH if model.device.type != "cuda" else 0)
+    if fixed:
+        return [list(order[start:start + fixed]) for start in range(0, len(order), fixed)]
+    slots = generation_memory_budget(model) // bytes_per_token(model, settings)
+    return budget_batches(lengths, order, settings.max_new_tokens, slots)
+
+
+def budget_batches(lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, token_slots: int) -> list[list[int]]:
+    """Consecutive prompts of `order` per batch while the batch's padded cache (rows x (its longest prompt + new
+    tokens)) fits `token_slots`: with prompts sorted by length, short ones go many to a batch, so decoding takes
+    fewer steps, each keeping the GPU busier. A prompt too long for the budget alone still gets a batch of one."""
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    longest = 0
+    for index in order:
+        widest = max(longest, lengths[index])
+        if batch and (len(batch) == _MAX_AUTO_BATCH or (len(batch) + 1) * _cache_length(widest, max_new_tokens) > token_slots):
+            batches.append(batch)
+            batch, widest = [], lengths[index]
+        batch.append(index)
+        longest = widest
+    return batches + [batch] if batch else batches
 
 
 def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id: int) -> GenerationConfig:
@@ -173,11 +204,14 @@ def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id
     )
 
 
+def _cache_length(prompt_columns: int, max_new_tokens: int) -> int:
+    return -(-(prompt_columns + max_new_tokens) // _STATIC_CACHE_ROUNDING) * _STATIC_CACHE_ROUNDING
+
+
 def _static_cache(model: PreTrainedModel, prompt_columns: int, max_new_tokens: int) -> StaticCache:
     """A preallocated cache sized for this batch. `cache_implementation="static"` would instead keep the longest
     length any earlier call used, so every later batch would attend over the longest batch's cache."""
-    length = -(-(prompt_columns + max_new_tokens) // _STATIC_CACHE_ROUNDING) * _STATIC_CACHE_ROUNDING
-    return StaticCache(config=model.config, max_cache_len=length)
+    return StaticCache(config=model.config, max_cache_len=_cache_length(prompt_columns, max_new_tokens))
 
 
 def _first_line(text: str) -> str:
@@ -202,15 +236,17 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], config: Generati
 
 
 def _generate_or_isolate(model, tokenizer, prompts, config, stop_ids, static) -> list[GenerationRecord]:
-    """A failing batch (e.g. out of memory) is retried one prompt at a time, so one bad row costs only itself."""
+    """A failing batch (e.g. out of memory) is retried in halves down to single prompts, so one bad row costs only
+    itself and an oversized batch only a few smaller calls."""
     try:
         return _generate_batch(model, tokenizer, prompts, config, stop_ids, static)
     except Exception as error:  # noqa: BLE001 — every row must come back with a status
         if len(prompts) > 1:
-            log.warning("batch of %d failed (%s); retrying one prompt at a time", len(prompts), error)
+            log.warning("batch of %d failed (%s); retrying in halves", len(prompts), error)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            return [record for prompt in prompts for record in _generate_or_isolate(model, tokenizer, [prompt], config, stop_ids, static)]
+            half = len(prompts) // 2
+            return [record for part in (prompts[:half], prompts[half:]) for record in _generate_or_isolate(model, tokenizer, part, config, stop_ids, static)]
         return [GenerationRecord("", "error", 0, len(prompts[0]), False, f"{type(error).__name__}: {error}")]
 
 
@@ -225,7 +261,7 @@ def generate_summaries(
     first line kept, the prompt never echoed. `on_progress(done, total)` is called after each batch."""
     prompts = encode_prompts(tokenizer, settings.template, articles, settings.max_prompt_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if settings.sort_by_length else list(range(len(prompts)))
-    batch_size = auto_batch_size(model, max((len(p) for p in prompts), default=0), settings)
+    batches = plan_batches(model, [len(p) for p in prompts], order, settings)
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
     stop_set = set(stop_ids)
@@ -236,17 +272,18 @@ def generate_summaries(
     started = time.perf_counter()
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chosen = order[start:start + batch_size]
+            done = 0
+            for chosen in batches:
                 batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, stop_set, settings.cache == "static")
                 for index, record in zip(chosen, batch):
                     records[index] = record
+                done += len(chosen)
                 if on_progress:
-                    on_progress(min(start + batch_size, len(order)), len(order))
+                    on_progress(done, len(order))
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return GenerationResult(records=list(records), seconds=time.perf_counter() - started, batch_size=batch_size)
+    return GenerationResult(records=list(records), seconds=time.perf_counter() - started, batch_sizes=[len(b) for b in batches])
 
 
 def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str | Path | None) -> PreTrainedModel:

@@ -1,0 +1,200 @@
+"""Where the phi2 profile's time goes on the H200: a profiled training step and a profiled generation run.
+
+The same model and data as bench/gpu_benchmark.py (phi-2-shaped random weights in 4-bit NF4), trained by
+`train.train_lora` with the profile's recipe and sampled by `generate.generate_summaries` on the merged bf16 copy.
+Per part: wall time against summed GPU kernel time (how far the GPU is kept busy), kernel time by kind (matmul,
+attention, NF4 dequantisation, the rest), and the top kernels. Optional trials time recipe variants side by side.
+
+    PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--trials]
+
+Writes $OUT/h200-profile.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import json
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench import gpu_benchmark as bench
+from bench.phi2_shape import save_phi2_shape, synthetic_articles, synthetic_tokenized_xsum
+from phi2_assets.ml import generate, models
+from phi2_assets.ml.train import train_lora
+from phi2_assets.profiles import PROFILES
+
+PROFILED_STEPS = (3, 5)  # training steps [first, last): after the warm-up steps, before the end
+GENERATION_ARTICLES = 200
+KINDS = (  # kernel name fragments, first match wins
+    ("nf4_dequantize", ("dequantize", "kdequant")),
+    ("attention", ("fmha", "flash", "attention", "cudnn", "sdpa")),
+    ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "sm90_", "splitk")),
+    ("optimizer", ("optimizer", "adam")),
+)
+report: dict = {}
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next((kind for kind, parts in KINDS if any(part in name for part in parts)), "elementwise/other")
+
+
+def summarise(prof, wall_s: float, units: int, label: str) -> dict:
+    """Kernel time per unit (a step or a run) by kind and by kernel, against wall time per unit."""
+    per_kernel: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = per_kernel[event.name]
+            entry[0] += event.time_range.elapsed_us() / 1e3
+            entry[1] += 1
+    busy = sum(ms for ms, _ in per_kernel.values())
+    kinds: dict[str, float] = collections.Counter()
+    for name, (ms, _) in per_kernel.items():
+        kinds[kind_of(name)] += ms
+    top = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:25]
+    result = {
+        "wall_ms": round(wall_s * 1e3 / units, 1),
+        "gpu_busy_ms": round(busy / units, 1),
+        "gpu_busy_share": round(busy / (wall_s * 1e3), 3),
+        "kernels_launched": int(sum(count for _, count in per_kernel.values()) / units),
+        "by_kind_ms": {kind: round(ms / units, 1) for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"ms": round(ms / units, 2), "calls": int(count / units), "name": name[:110]} for name, (ms, count) in top],
+    }
+    print(f"\n=== {label}: wall {result['wall_ms']} ms, GPU busy {result['gpu_busy_ms']} ms ({result['gpu_busy_share']:.0%}),"
+          f" {result['kernels_launched']} kernels per unit", flush=True)
+    print("by kind (ms):", json.dumps(result["by_kind_ms"]))
+    for row in result["top_kernels"][:18]:
+        print(f"{row['ms']:9.2f} ms {row['calls']:6d}x  {row['name']}")
+    ops = prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=48)
+    print(ops, flush=True)
+    return result
+
+
+def profile_training(model, tokenizer, train, evaluation) -> None:
+    """`train_lora` with the profile's recipe; steps PROFILED_STEPS of SFTTrainer.training_step are recorded."""
+    from trl import SFTTrainer
+
+    original = SFTTrainer.training_step
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    calls, started = [0], [0.0]
+    first, last = PROFILED_STEPS
+
+    def training_step(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == first:
+            torch.cuda.synchronize()
+            prof.start()
+            started[0] = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            if calls[0] == last - 1:
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - started[0]
+                prof.stop()
+                report["training_step"] = summarise(prof, wall, last - first, "training step (16 x ~484 tokens)")
+
+    SFTTrainer.training_step = training_step
+    try:
+        settings = dataclasses.replace(bench.BEST, max_steps=last + 1)
+        train_lora(model, tokenizer, train, evaluation, settings, bench.WORK / "adapter-profiled", bench.WORK / "checkpoints")
+    finally:
+        SFTTrainer.training_step = original
+
+
+def trial(name: str, settings, model, tokenizer, train, evaluation, flops_per_token: float) -> None:
+    result = bench.train_recipe(name, settings, model, tokenizer, train, evaluation, flops_per_token)
+    report.setdefault("trials", {})[name] = {k: result[k] for k in ("tok_s", "mfu", "peak_mem_gib", "final_train_loss", "eval_loss_after")}
+    print(f"[trial] {name}: {report['trials'][name]}", flush=True)
+
+
+def profile_generation(merged, tokenizer, articles: list[str]) -> None:
+    settings = PROFILES["phi2"].generation
+    for label, options in (("generation prefill only (1 new token)", {"max_new_tokens": 1}), ("generation, 60 new tokens", {})):
+        chosen = dataclasses.replace(settings, **options)
+        generate.generate_summaries(merged, tokenizer, articles[:8], chosen)  # first-call costs out of the profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            started = time.perf_counter()
+            result = generate.generate_summaries(merged, tokenizer, articles, chosen)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - started
+        key = "generation_prefill" if options else "generation"
+        report[key] = {"batch_size": result.batch_size, "summaries": len(result.records), **summarise(prof, wall, 1, label)}
+
+
+def generation_trials(merged, tokenizer, articles: list[str]) -> None:
+    """The profile's generation under each SDPA backend that takes a mask, the default timed first and last (the
+    first generation after a load pays one-time costs; the warm-up absorbs most of them)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    settings = PROFILES["phi2"].generation
+    generate.generate_summaries(merged, tokenizer, articles[:8], settings)
+    backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
+    for label in ("default", "cudnn", "efficient", "default"):
+        def run(label=label):
+            backend = backends[label]
+            with sdpa_kernel([backend]) if backend else contextlib.nullcontext():
+                result = generate.generate_summaries(merged, tokenizer, articles, settings)
+            report.setdefault("generation_trials", []).append(
+                {"sdpa": label, "per_s": round(result.summaries_per_second, 1), "batch_size": result.batch_size, "nonempty": result.success_rate})
+            print(f"[generation] sdpa {label}: {result.summaries_per_second:.1f}/s", flush=True)
+        bench.phase(f"generation sdpa {label}", 60, run)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", nargs="*", default=[], choices=list(TRIALS), help="recipe variants to time after the profile")
+    parser.add_argument("--generation-trials", action="store_true", help="time 500 summaries under each SDPA backend")
+    args = parser.parse_args()
+    bench.OUT.mkdir(parents=True, exist_ok=True)
+    bench.WORK.mkdir(parents=True, exist_ok=True)
+    model_dir = str(save_phi2_shape(bench.WORK / "phi2-shape"))
+    spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
+    tokenizer = models.load_tokenizer(spec, model_dir)
+    model = models.load_model(spec, model_dir, models.choose_precision(True))
+    rows = synthetic_tokenized_xsum(bench.STEPS * bench.EFFECTIVE_BATCH + 32)
+    train = rows.select(range(bench.STEPS * bench.EFFECTIVE_BATCH))
+    evaluation = rows.select(range(bench.STEPS * bench.EFFECTIVE_BATCH, len(rows)))
+    save = lambda: (bench.OUT / "h200-profile.json").write_text(json.dumps(report, indent=1))  # noqa: E731
+
+    bench.phase("profile training", 240, lambda: profile_training(model, tokenizer, train, evaluation))
+    save()
+    lengths = [len(ids) for ids in train["input_ids"]]
+    from bench import gpu_metrics
+    from phi2_assets.ml.train import expected_trainable_parameters, target_modules_for
+
+    lora = expected_trainable_parameters(model, target_modules_for(model, bench.BEST), bench.BEST.lora_r)
+    flops_per_token = gpu_metrics.train_flops(model.config, lengths, lora) / sum(lengths)
+    for name in args.trials:
+        settings, attention = TRIALS[name]
+        model.set_attn_implementation(attention)
+        bench.phase(f"trial {name}", 240, lambda: trial(name, settings, model, tokenizer, train, evaluation, flops_per_token))
+        model.set_attn_implementation("sdpa")
+        save()
+
+    adapter = bench.WORK / "adapter-profiled"
+    del model
+    bench.free_memory()
+    merged = generate.load_merged_bf16(spec, model_dir, adapter if adapter.is_dir() else None)
+    articles = synthetic_articles(GENERATION_ARTICLES)
+    bench.phase("profile generation", 200, lambda: profile_generation(merged, tokenizer, articles))
+    if args.generation_trials:
+        generation_trials(merged, tokenizer, synthetic_articles(bench.MERGED_ARTICLES))
+    report["errors"] = bench.details.get("errors")
+    save()
+
+
+TRIALS = {  # name: (settings, attention implementation)
+    "best": (bench.BEST, "sdpa"),
+    "no_lora_dropout": (dataclasses.replace(bench.BEST, lora_dropout=0.0), "sdpa"),
+    "flex_padding_free": (dataclasses.replace(bench.BEST, padding_free=True, group_by_length=False), "flex_attention"),
+}
+
+if __name__ == "__main__":
+    main()
