@@ -54,6 +54,8 @@ RECIPES: dict[str, TrainSettings] = {
     "best": BEST,
     # the phi2 profile's recipe with activation checkpointing, under a 16 GB card's memory limit
     "lean": dataclasses.replace(BEST, gradient_checkpointing=True),
+    # the phi2 recipe padded to each batch's longest row: nearly every step is a shape cuDNN attention has not planned
+    "dynamic_padding": dataclasses.replace(BEST, pad_to_multiple_of=None),
     # one packed row per step: SDPA gets a dense block-diagonal mask over the whole row (slower: docs/BENCHMARKS.md)
     "padding_free": dataclasses.replace(BEST, padding_free=True, group_by_length=False),
 }
@@ -171,7 +173,7 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
     steady = steady_rate(lines, artifact.tokens_seen)
     tok_s = steady.get("steady_tok_s", artifact.tokens_per_second)
     result = {
-        "settings": {k: getattr(settings, k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free", "bf16", "optimizer")},
+        "settings": {k: getattr(settings, k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free", "pad_to_multiple_of", "bf16", "optimizer")},
         "fused_gelu": name != "seed",
         "tok_s": round(tok_s),
         "tok_s_end_to_end": round(artifact.tokens_per_second),

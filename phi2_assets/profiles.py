@@ -92,18 +92,20 @@ PROFILES: dict[str, Profile] = {
         cleaning=CleaningSettings(train_samples=2_000, validation_samples=500, test_samples=None),
         tokenize=TokenizeSettings(max_length=1_126),
         # The seed's effective batch (16) and learning rate, run the fastest way measured through train_lora on an
-        # H200 (docs/BENCHMARKS.md, GPU section): 16 sequences per pass in batches of similar length, no activation
-        # checkpointing (about 69 GiB peak; on a 16 GB card turn gradient_checkpointing on: 7.4 GiB), and no
-        # autocast: the 4-bit model already computes in bf16, and autocast's fp32 LayerNorm makes bitsandbytes
-        # return every projection in fp32.
+        # H200 (docs/BENCHMARKS.md, GPU section): 16 sequences per pass in batches of similar length, padded to a
+        # multiple of 64 (cuDNN attention plans a kernel on the CPU for each new shape; a real run then meets at most
+        # 18, and the benchmark's steps ran 6-12% faster), no activation checkpointing (about 70 GiB peak; on a 16 GB
+        # card turn gradient_checkpointing on: 7.5 GiB), and no autocast: the 4-bit model already computes in bf16,
+        # and autocast's fp32 LayerNorm makes bitsandbytes return every projection in fp32.
         train=TrainSettings(
             lora_r=16, lora_alpha=32, lora_dropout=0.05, learning_rate=2e-4, epochs=3, per_device_batch_size=16,
             gradient_accumulation_steps=1, optimizer="paged_adamw_8bit", lr_scheduler="cosine", warmup_ratio=0.03,
-            gradient_checkpointing=False, group_by_length=True, bf16=False, logging_steps=10, eval_steps=50, save_steps=50,
+            gradient_checkpointing=False, group_by_length=True, pad_to_multiple_of=64, bf16=False, logging_steps=10,
+            eval_steps=50, save_steps=50,
         ),
         evaluation_set=EvaluationSetSettings(split="validation", samples=500),
-        # the adapter merged into bf16 weights and a static KV cache per batch: 62 summaries/s on an H200 against
-        # 14.6 for 4-bit + LoRA (docs/BENCHMARKS.md)
+        # the adapter merged into bf16 weights, batches as large as free memory holds for their length, a static KV
+        # cache per batch: 62-71 summaries/s on an H200 against 10-12 for 4-bit + LoRA (docs/BENCHMARKS.md)
         generation=GenerationSettings(
             max_new_tokens=60, num_beams=1, batch_size=0, max_prompt_tokens=1_066, cache="static", merged_bf16=True,
         ),

@@ -77,6 +77,18 @@ def test_eval_loss_falls_when_overfitting_a_repeated_set(tiny, tmp_path):
     assert artifact.train_losses[-1] < artifact.train_losses[0]
 
 
+def test_padding_to_a_multiple_changes_nothing_learned(tiny, tmp_path):
+    """The phi2 profile pads batches to a multiple of 64 (few shapes for CUDA attention kernels): the extra positions
+    are masked and unlabelled, so losses and counted tokens stay those of padding to the longest row."""
+    model, tokenizer, train, validation = tiny
+    settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
+    longest = train_lora(model, tokenizer, train, validation, settings, tmp_path / "a", tmp_path / "checkpoints")
+    padded = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, pad_to_multiple_of=64), tmp_path / "b", tmp_path / "checkpoints")
+    assert padded.train_losses == pytest.approx(longest.train_losses, rel=1e-4)
+    assert padded.eval_loss == pytest.approx(longest.eval_loss, rel=1e-4)
+    assert padded.tokens_seen == longest.tokens_seen
+
+
 def test_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
     model, tokenizer, train, validation = tiny
     settings = dataclasses.replace(FAST, max_steps=4, save_steps=2)
@@ -101,7 +113,7 @@ def _interrupt_at_step_3(line: str) -> None:
 
 
 def test_settings_reject_impossible_values():
-    for bad in ({"learning_rate": 0}, {"lora_r": 0}, {"lora_dropout": 1.0}, {"max_steps": 0}, {"lr_scheduler": "sine"}):
+    for bad in ({"learning_rate": 0}, {"lora_r": 0}, {"lora_dropout": 1.0}, {"max_steps": 0}, {"lr_scheduler": "sine"}, {"pad_to_multiple_of": 0}):
         with pytest.raises(ValueError):
             TrainSettings(**bad)
 

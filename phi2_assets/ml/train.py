@@ -64,6 +64,7 @@ class TrainSettings:
     gradient_checkpointing: bool = documented("recompute activations in the backward pass: less memory, ~30% more compute", True)
     padding_free: bool = documented("one unpadded row per batch; sdpa then masks a block-diagonal O(L^2) matrix, which only pays with flash-attention", False)
     group_by_length: bool = documented("batch sequences of similar length (less padding) instead of a uniformly random order", False)
+    pad_to_multiple_of: int | None = documented("pad each batch to a multiple of this many positions: few distinct shapes, so CUDA attention kernels reuse their plans; null = to the longest row", None)
     bf16: bool = documented("bf16 autocast where the model computes in bf16 (CUDA, CPUs with native bf16); off for an fp32 model", True)
     logging_steps: int = documented("optimizer steps between progress lines", 10)
     eval_steps: int | None = documented("optimizer steps between evaluations; null = evaluate at the end only", None)
@@ -87,6 +88,8 @@ class TrainSettings:
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            problems.append(f"pad_to_multiple_of must be at least 1 (or null), got {self.pad_to_multiple_of}")
         if self.eval_steps is not None and self.eval_steps < 1:
             problems.append(f"eval_steps must be at least 1 (or null), got {self.eval_steps}")
         if self.lr_scheduler not in SCHEDULERS:
@@ -242,6 +245,7 @@ def _sft_config(settings: TrainSettings, checkpoint_dir: Path, device: str, opti
         optim=optimizer,
         gradient_checkpointing=settings.gradient_checkpointing,
         padding_free=settings.padding_free,
+        pad_to_multiple_of=settings.pad_to_multiple_of,
         train_sampling_strategy="group_by_length" if settings.group_by_length else "random",
         bf16=settings.bf16 and compute_bf16,
         logging_steps=settings.logging_steps,
