@@ -5,9 +5,9 @@ The same model and data as bench/gpu_benchmark.py (phi-2-shaped random weights i
 Per part: wall time against summed GPU kernel time (how far the GPU is kept busy), kernel time by kind (matmul,
 attention, NF4 dequantisation, the rest), and the top kernels. Optional trials time recipe variants side by side.
 
-    PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--trials]
+    PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--trials best best_without_cudnn ...] [--generation-trials]
 
-Writes $OUT/h200-profile.json.
+Writes $OUT/h200-profile.json (and, through gpu_benchmark's `phase`, that script's files, mostly empty).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench import gpu_benchmark as bench
+from bench import gpu_metrics
 from bench.phi2_shape import save_phi2_shape, synthetic_articles, synthetic_tokenized_xsum
 from phi2_assets.ml import generate, models
-from phi2_assets.ml.train import train_lora
+from phi2_assets.ml.train import expected_trainable_parameters, target_modules_for, train_lora
 from phi2_assets.profiles import PROFILES
 
 PROFILED_STEPS = (3, 5)  # training steps [first, last): after the warm-up steps, before the end
@@ -34,8 +35,16 @@ KINDS = (  # kernel name fragments, first match wins
     ("nf4_dequantize", ("dequantize", "kdequant")),
     ("attention", ("fmha", "flash", "attention", "cudnn", "sdpa")),
     ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "sm90_", "splitk")),
-    ("optimizer", ("optimizer", "adam")),
+    ("optimizer", ("optimizer", "adam")),  # bitsandbytes' 8-bit AdamW kernels
 )
+WITHOUT_CUDNN = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+TRIALS = {  # name: (settings, attention implementation, SDPA kernels or None for PyTorch's choice)
+    "best": (bench.BEST, "sdpa", None),
+    "best_without_cudnn": (bench.BEST, "sdpa", WITHOUT_CUDNN),
+    "best_dynamic_padding": (dataclasses.replace(bench.BEST, pad_to_multiple_of=None), "sdpa", None),
+    "no_lora_dropout": (dataclasses.replace(bench.BEST, lora_dropout=0.0), "sdpa", None),
+    "flex_padding_free": (dataclasses.replace(bench.BEST, padding_free=True, group_by_length=False), "flex_attention", None),
+}
 report: dict = {}
 
 
@@ -48,7 +57,8 @@ def summarise(prof, wall_s: float, units: int, label: str) -> dict:
     """Kernel time per unit (a step or a run) by kind and by kernel, against wall time per unit."""
     per_kernel: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
+        # kernels only: a user annotation's GPU-side range (Optimizer.step#AdamW.step) spans kernels counted already
+        if event.device_type == torch.autograd.DeviceType.CUDA and not event.is_user_annotation:
             entry = per_kernel[event.name]
             entry[0] += event.time_range.elapsed_us() / 1e3
             entry[1] += 1
@@ -107,10 +117,29 @@ def profile_training(model, tokenizer, train, evaluation) -> None:
         SFTTrainer.training_step = original
 
 
-def trial(name: str, settings, model, tokenizer, train, evaluation, flops_per_token: float) -> None:
-    result = bench.train_recipe(name, settings, model, tokenizer, train, evaluation, flops_per_token)
-    report.setdefault("trials", {})[name] = {k: result[k] for k in ("tok_s", "mfu", "peak_mem_gib", "final_train_loss", "eval_loss_after")}
-    print(f"[trial] {name}: {report['trials'][name]}", flush=True)
+@contextlib.contextmanager
+def sdpa_backends(names: tuple[str, ...] | None):
+    """SDPA restricted to these kernels for a trial; None leaves PyTorch's choice (cuDNN first on Hopper)."""
+    if names is None:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([getattr(SDPBackend, name) for name in names]):
+        yield
+
+
+def trial(name: str, model, tokenizer, train, evaluation, flops_per_token: float) -> None:
+    settings, attention, backends = TRIALS[name]
+    model.set_attn_implementation(attention)
+    try:
+        with sdpa_backends(backends):
+            result = bench.train_recipe(name, settings, model, tokenizer, train, evaluation, flops_per_token)
+    finally:
+        model.set_attn_implementation("sdpa")
+    entry = {"trial": name, **{k: result[k] for k in ("tok_s", "mfu", "peak_mem_gib", "final_train_loss", "eval_loss_after")}}
+    report.setdefault("trials", []).append(entry)
+    print(f"[trial] {entry}", flush=True)
 
 
 def profile_generation(merged, tokenizer, articles: list[str]) -> None:
@@ -128,29 +157,27 @@ def profile_generation(merged, tokenizer, articles: list[str]) -> None:
         report[key] = {"batch_size": result.batch_size, "summaries": len(result.records), **summarise(prof, wall, 1, label)}
 
 
-def generation_trials(merged, tokenizer, articles: list[str]) -> None:
-    """The profile's generation under each SDPA backend that takes a mask, the default timed first and last (the
-    first generation after a load pays one-time costs; the warm-up absorbs most of them)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+def generation_trials(merged, tokenizer, articles: list[str], rounds: int = 2) -> None:
+    """The profile's generation with PyTorch's SDPA choice and without cuDNN, alternating (the first generation
+    after a load pays one-time costs; a warm-up absorbs most of them)."""
     settings = PROFILES["phi2"].generation
     generate.generate_summaries(merged, tokenizer, articles[:8], settings)
-    backends = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION}
-    for label in ("default", "cudnn", "efficient", "default"):
+    for label in ("pytorch_choice", "without_cudnn") * rounds:
         def run(label=label):
-            backend = backends[label]
-            with sdpa_kernel([backend]) if backend else contextlib.nullcontext():
+            with sdpa_backends(WITHOUT_CUDNN if label == "without_cudnn" else None):
                 result = generate.generate_summaries(merged, tokenizer, articles, settings)
-            report.setdefault("generation_trials", []).append(
-                {"sdpa": label, "per_s": round(result.summaries_per_second, 1), "batch_size": result.batch_size, "nonempty": result.success_rate})
-            print(f"[generation] sdpa {label}: {result.summaries_per_second:.1f}/s", flush=True)
-        bench.phase(f"generation sdpa {label}", 60, run)
+            entry = {"sdpa": label, "per_s": round(result.summaries_per_second, 1), "seconds": round(result.seconds, 2),
+                     "batches": result.batch_sizes, "nonempty": result.success_rate}
+            report.setdefault("generation_trials", []).append(entry)
+            print(f"[generation] {entry}", flush=True)
+        bench.phase(f"generation {label}", 60, run)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", nargs="*", default=[], choices=list(TRIALS), help="recipe variants to time after the profile")
-    parser.add_argument("--generation-trials", action="store_true", help="time 500 summaries under each SDPA backend")
+    parser.add_argument("--trials", nargs="*", default=[], choices=list(TRIALS), help="recipe variants to time after the profile (repeat names to alternate)")
+    parser.add_argument("--generation-trials", action="store_true", help="time 500 summaries with PyTorch's attention kernel and without cuDNN")
+    parser.add_argument("--skip-generation-profile", action="store_true")
     args = parser.parse_args()
     bench.OUT.mkdir(parents=True, exist_ok=True)
     bench.WORK.mkdir(parents=True, exist_ok=True)
@@ -161,21 +188,17 @@ def main() -> None:
     rows = synthetic_tokenized_xsum(bench.STEPS * bench.EFFECTIVE_BATCH + 32)
     train = rows.select(range(bench.STEPS * bench.EFFECTIVE_BATCH))
     evaluation = rows.select(range(bench.STEPS * bench.EFFECTIVE_BATCH, len(rows)))
-    save = lambda: (bench.OUT / "h200-profile.json").write_text(json.dumps(report, indent=1))  # noqa: E731
+
+    def save() -> None:
+        (bench.OUT / "h200-profile.json").write_text(json.dumps(report, indent=1))
 
     bench.phase("profile training", 240, lambda: profile_training(model, tokenizer, train, evaluation))
     save()
     lengths = [len(ids) for ids in train["input_ids"]]
-    from bench import gpu_metrics
-    from phi2_assets.ml.train import expected_trainable_parameters, target_modules_for
-
     lora = expected_trainable_parameters(model, target_modules_for(model, bench.BEST), bench.BEST.lora_r)
     flops_per_token = gpu_metrics.train_flops(model.config, lengths, lora) / sum(lengths)
     for name in args.trials:
-        settings, attention = TRIALS[name]
-        model.set_attn_implementation(attention)
-        bench.phase(f"trial {name}", 240, lambda: trial(name, settings, model, tokenizer, train, evaluation, flops_per_token))
-        model.set_attn_implementation("sdpa")
+        bench.phase(f"trial {name}", 240, lambda: trial(name, model, tokenizer, train, evaluation, flops_per_token))
         save()
 
     adapter = bench.WORK / "adapter-profiled"
@@ -183,18 +206,13 @@ def main() -> None:
     bench.free_memory()
     merged = generate.load_merged_bf16(spec, model_dir, adapter if adapter.is_dir() else None)
     articles = synthetic_articles(GENERATION_ARTICLES)
-    bench.phase("profile generation", 200, lambda: profile_generation(merged, tokenizer, articles))
+    if not args.skip_generation_profile:
+        bench.phase("profile generation", 200, lambda: profile_generation(merged, tokenizer, articles))
     if args.generation_trials:
         generation_trials(merged, tokenizer, synthetic_articles(bench.MERGED_ARTICLES))
     report["errors"] = bench.details.get("errors")
     save()
 
-
-TRIALS = {  # name: (settings, attention implementation)
-    "best": (bench.BEST, "sdpa"),
-    "no_lora_dropout": (dataclasses.replace(bench.BEST, lora_dropout=0.0), "sdpa"),
-    "flex_padding_free": (dataclasses.replace(bench.BEST, padding_free=True, group_by_length=False), "flex_attention"),
-}
 
 if __name__ == "__main__":
     main()
