@@ -7,7 +7,7 @@ safetensors and loaded by `models.load_model` in 4-bit NF4, trained by `train.tr
 number of optimizer steps of 16 sequences each. Tokens/s is measured after the first optimizer step.
 
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=/tmp/site:. python3 bench/gpu_benchmark.py
-        [--recipes seed best ...] [--skip-generation]
+        [--recipes seed best ...] [--skip-generation] [--compiled-generation]
 
 Writes $OUT/h200.json (issue 7's keys + environment), $OUT/h200-details.json and prints a table last.
 """
@@ -26,6 +26,7 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,6 +36,10 @@ from bench.phi2_shape import EOS_ID, save_phi2_shape, synthetic_articles, synthe
 from phi2_assets.ml import generate, models
 from phi2_assets.ml.train import TrainSettings, expected_trainable_parameters, target_modules_for, train_lora
 from phi2_assets.profiles import PROFILES
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 OUT = Path(os.environ.get("OUT", "/tmp/bench-out"))
 WORK = Path(os.environ.get("BENCH_DIR", "/tmp/bench"))
@@ -59,6 +64,9 @@ RECIPES: dict[str, TrainSettings] = {
     # one packed row per step: SDPA gets a dense block-diagonal mask over the whole row (slower: docs/BENCHMARKS.md)
     "padding_free": dataclasses.replace(BEST, padding_free=True, group_by_length=False),
 }
+# the phi2 profile's generation path, whose run gives gen_batched_per_s
+PROFILE_GENERATION_PATH = "merged_bf16_static"
+assert PROFILES["phi2"].generation.merged_bf16 and not PROFILES["phi2"].generation.compile, "PROFILE_GENERATION_PATH names another path"
 details: dict = {"steps": STEPS, "effective_batch": EFFECTIVE_BATCH, "peak_bf16_flops_used": gpu_metrics.PEAK_BF16_FLOPS}
 
 
@@ -85,8 +93,41 @@ def phase(name: str, seconds: int, fn: Callable[[], object]) -> object:
     finally:
         signal.alarm(0)
         details.setdefault("phase_seconds", {})[name] = round(time.perf_counter() - started, 1)
-        write_figures()  # after every part: a run cut short still leaves its figures
+        after_phase()
         free_memory()
+
+
+# saved after every part, so a run cut short still leaves its figures (bench/gpu_profile.py saves its own instead)
+after_phase: Callable[[], object] = lambda: write_figures()
+
+
+@dataclasses.dataclass
+class Inputs:
+    """The phi-2-shaped model in 4-bit NF4 through the project's loader, and the XSum-shaped rows every recipe trains on."""
+
+    spec: models.ModelSpec
+    model_dir: str
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    train: datasets.Dataset
+    evaluation: datasets.Dataset
+    lengths: list[int]
+    flops_per_token: float
+
+
+def load_inputs() -> Inputs:
+    OUT.mkdir(parents=True, exist_ok=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    model_dir = str(save_phi2_shape(WORK / "phi2-shape"))
+    spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
+    tokenizer = models.load_tokenizer(spec, model_dir)
+    model = models.load_model(spec, model_dir, models.choose_precision(True))
+    rows = synthetic_tokenized_xsum(STEPS * EFFECTIVE_BATCH + 32)
+    train, evaluation = rows.select(range(STEPS * EFFECTIVE_BATCH)), rows.select(range(STEPS * EFFECTIVE_BATCH, len(rows)))
+    lengths = [len(ids) for ids in train["input_ids"]]
+    lora = expected_trainable_parameters(model, target_modules_for(model, BEST), BEST.lora_r)
+    flops_per_token = gpu_metrics.train_flops(model.config, lengths, lora) / sum(lengths)
+    return Inputs(spec, model_dir, tokenizer, model, train, evaluation, lengths, flops_per_token)
 
 
 def save_details() -> None:
@@ -258,20 +299,12 @@ def main() -> None:
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--compiled-generation", action="store_true", help="also time compiled decoding, twice (about 2 min)")
     args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    WORK.mkdir(parents=True, exist_ok=True)
+    inputs = load_inputs()
+    spec, model_dir, tokenizer, model = inputs.spec, inputs.model_dir, inputs.tokenizer, inputs.model
+    train, evaluation, lengths, flops_per_token = inputs.train, inputs.evaluation, inputs.lengths, inputs.flops_per_token
     details["environment"] = gpu_metrics.environment()
     details["measured_peak_bf16_tflops"] = round(gpu_metrics.measure_peak_bf16() / 1e12, 1)
-    model_dir = str(save_phi2_shape(WORK / "phi2-shape"))
-    spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
-    tokenizer = models.load_tokenizer(spec, model_dir)
-    model = models.load_model(spec, model_dir, models.choose_precision(True))
-
-    rows = synthetic_tokenized_xsum(STEPS * EFFECTIVE_BATCH + 32)
-    train, evaluation = rows.select(range(STEPS * EFFECTIVE_BATCH)), rows.select(range(STEPS * EFFECTIVE_BATCH, len(rows)))
-    lengths = [len(ids) for ids in train["input_ids"]]
-    lora = expected_trainable_parameters(model, target_modules_for(model, BEST), BEST.lora_r)
-    flops_per_token = gpu_metrics.train_flops(model.config, lengths, lora) / sum(lengths)
+    details["profile_generation_path"] = PROFILE_GENERATION_PATH
     details["data"] = {"train_rows": len(train), "mean_tokens": round(float(np.mean(lengths)), 1), "max_tokens": max(lengths),
                        "flops_per_token": flops_per_token}
     phase("packed_equals_padded", 60, lambda: details.__setitem__("packed_equals_padded", check_packed_equals_padded(model, train)))
@@ -327,7 +360,7 @@ def main() -> None:
         first = outputs["batched_4bit"]
         details["summaries_vs_4bit"] = {
             name: agreement(first, records[: len(first)]) for name, records in outputs.items()
-            if name not in ("batched_4bit", "sequential", "merged_bf16_prefill_only") and records
+            if name not in ("batched_4bit", "sequential", "merged_bf16_prefill_only")
         }
         if "sequential" in outputs:
             details["summaries_vs_4bit"]["sequential"] = agreement(outputs["sequential"], first[:SEQUENTIAL_ARTICLES])
@@ -337,11 +370,7 @@ def main() -> None:
 def write_figures() -> dict:
     training, generation = details.get("training", {}), details.get("generation", {})
     seed, best, lean = (training.get(k, {}) for k in ("seed", "best", "lean"))
-    # the phi2 profile's own path, end to end (a compiled one pays its compilation in this figure)
-    profile_path = "merged_bf16_compiled_first" if PROFILES["phi2"].generation.compile else "merged_bf16_static"
-    assert PROFILES["phi2"].generation.merged_bf16, "the figures name the merged path as the profile's"
-    batched = generation.get(profile_path, {})
-    details["profile_generation_path"] = profile_path
+    batched = generation.get(PROFILE_GENERATION_PATH, {})
     sequential = generation.get("sequential", {}).get("per_s")
     fast = batched.get("per_s")
     figures = {

@@ -6,8 +6,9 @@ Per part: wall time against summed GPU kernel time (how far the GPU is kept busy
 attention, NF4 dequantisation, the rest), and the top kernels. Optional trials time recipe variants side by side.
 
     PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--trials best best_without_cudnn ...] [--generation-trials]
+        [--skip-generation-profile]
 
-Writes $OUT/h200-profile.json (and, through gpu_benchmark's `phase`, that script's files, mostly empty).
+Writes $OUT/h200-profile.json after every part.
 """
 
 from __future__ import annotations
@@ -23,10 +24,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from bench import gpu_benchmark as bench
-from bench import gpu_metrics
-from bench.phi2_shape import save_phi2_shape, synthetic_articles, synthetic_tokenized_xsum
-from phi2_assets.ml import generate, models
-from phi2_assets.ml.train import expected_trainable_parameters, target_modules_for, train_lora
+from bench.phi2_shape import synthetic_articles
+from phi2_assets.ml import generate
+from phi2_assets.ml.train import train_lora
 from phi2_assets.profiles import PROFILES
 
 PROFILED_STEPS = (3, 5)  # training steps [first, last): after the warm-up steps, before the end
@@ -39,11 +39,11 @@ KINDS = (  # kernel name fragments, first match wins
 )
 WITHOUT_CUDNN = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 TRIALS = {  # name: (settings, attention implementation, SDPA kernels or None for PyTorch's choice)
-    "best": (bench.BEST, "sdpa", None),
-    "best_without_cudnn": (bench.BEST, "sdpa", WITHOUT_CUDNN),
-    "best_dynamic_padding": (dataclasses.replace(bench.BEST, pad_to_multiple_of=None), "sdpa", None),
-    "no_lora_dropout": (dataclasses.replace(bench.BEST, lora_dropout=0.0), "sdpa", None),
-    "flex_padding_free": (dataclasses.replace(bench.BEST, padding_free=True, group_by_length=False), "flex_attention", None),
+    "best": (bench.RECIPES["best"], "sdpa", None),
+    "best_without_cudnn": (bench.RECIPES["best"], "sdpa", WITHOUT_CUDNN),
+    "best_dynamic_padding": (bench.RECIPES["dynamic_padding"], "sdpa", None),
+    "no_lora_dropout": (dataclasses.replace(bench.RECIPES["best"], lora_dropout=0.0), "sdpa", None),
+    "flex_padding_free": (bench.RECIPES["padding_free"], "flex_attention", None),
 }
 report: dict = {}
 
@@ -179,27 +179,19 @@ def main() -> None:
     parser.add_argument("--generation-trials", action="store_true", help="time 500 summaries with PyTorch's attention kernel and without cuDNN")
     parser.add_argument("--skip-generation-profile", action="store_true")
     args = parser.parse_args()
-    bench.OUT.mkdir(parents=True, exist_ok=True)
-    bench.WORK.mkdir(parents=True, exist_ok=True)
-    model_dir = str(save_phi2_shape(bench.WORK / "phi2-shape"))
-    spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
-    tokenizer = models.load_tokenizer(spec, model_dir)
-    model = models.load_model(spec, model_dir, models.choose_precision(True))
-    rows = synthetic_tokenized_xsum(bench.STEPS * bench.EFFECTIVE_BATCH + 32)
-    train = rows.select(range(bench.STEPS * bench.EFFECTIVE_BATCH))
-    evaluation = rows.select(range(bench.STEPS * bench.EFFECTIVE_BATCH, len(rows)))
+    inputs = bench.load_inputs()
+    spec, model_dir, tokenizer, model = inputs.spec, inputs.model_dir, inputs.tokenizer, inputs.model
+    train, evaluation, flops_per_token = inputs.train, inputs.evaluation, inputs.flops_per_token
+    del inputs  # the 4-bit model is freed below, before the merged copy loads
 
     def save() -> None:
+        report["errors"] = bench.details.get("errors")
         (bench.OUT / "h200-profile.json").write_text(json.dumps(report, indent=1))
 
+    bench.after_phase = save
     bench.phase("profile training", 240, lambda: profile_training(model, tokenizer, train, evaluation))
-    save()
-    lengths = [len(ids) for ids in train["input_ids"]]
-    lora = expected_trainable_parameters(model, target_modules_for(model, bench.BEST), bench.BEST.lora_r)
-    flops_per_token = gpu_metrics.train_flops(model.config, lengths, lora) / sum(lengths)
     for name in args.trials:
         bench.phase(f"trial {name}", 240, lambda: trial(name, model, tokenizer, train, evaluation, flops_per_token))
-        save()
 
     adapter = bench.WORK / "adapter-profiled"
     del model
@@ -210,8 +202,6 @@ def main() -> None:
         bench.phase("profile generation", 200, lambda: profile_generation(merged, tokenizer, articles))
     if args.generation_trials:
         generation_trials(merged, tokenizer, synthetic_articles(bench.MERGED_ARTICLES))
-    report["errors"] = bench.details.get("errors")
-    save()
 
 
 if __name__ == "__main__":

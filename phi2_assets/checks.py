@@ -33,10 +33,6 @@ def _raw_check(split: str) -> dg.AssetChecksDefinition:
     return check
 
 
-# cleaned_xsum's `clean_and_disjoint` check runs inside `cleaned_xsum` (assets/data.py): leakage needs every split
-# in memory, and a selection such as `*lora_adapter` materializes only the splits training reads.
-
-
 @dg.asset_check(
     asset="tokenized_xsum",
     blocking=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Literal, TypeVar
+from typing import Literal
 
 import dagster as dg
 import pydantic
@@ -17,11 +17,9 @@ import pydantic
 from phi2_assets.profiles import PROFILE
 from phi2_assets.ml.cleaning import CleaningSettings
 from phi2_assets.ml.generate import EvaluationSetSettings, GenerationSettings, TemplateComparisonSettings
-from phi2_assets.ml.settings import settings_from_mapping
+from phi2_assets.ml.settings import Settings, settings_from_mapping
 from phi2_assets.ml.tokenization import TokenizeSettings
 from phi2_assets.ml.train import TrainSettings
-
-Settings = TypeVar("Settings")
 
 
 def _launchpad_type(annotation: object) -> object:

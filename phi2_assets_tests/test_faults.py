@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from phi2_assets.io_managers import _load_record
 from phi2_assets.profiles import data_dir
-from phi2_assets_tests.conftest import materializations
+from phi2_assets_tests.conftest import materializations, tiny_phi
 
 # Many short steps with a checkpoint every two: the kill lands after a checkpoint and well before the end.
 LONG_RUN = {"ops": {"lora_adapter": {"config": {"max_steps": 24, "save_steps": 2, "eval_steps": None, "logging_steps": 10}}}}
@@ -59,7 +59,7 @@ def test_sigkill_after_a_checkpoint_resumes_and_keeps_the_last_good_adapter(mate
     # the last good adapter is untouched and loads
     previous = _load_record(data_dir() / "assets" / "lora_adapter.json")
     assert previous.path == trained_once["path"]
-    base = AutoModelForCausalLM.from_pretrained(data_dir() / "models" / "tiny-phi")
+    base = AutoModelForCausalLM.from_pretrained(tiny_phi()[1])
     PeftModel.from_pretrained(base, previous.path)
     assert not list((data_dir() / "adapters").glob(".*.tmp"))
 

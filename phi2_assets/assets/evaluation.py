@@ -8,7 +8,7 @@ import dataclasses
 import dagster as dg
 import pandas as pd
 
-from phi2_assets.assets.data import OWNERS
+from phi2_assets.assets.data import OWNERS, cleaned_key
 from phi2_assets.automation import EVALUATION_GROUP, follows_new_adapter
 from phi2_assets.config import EvaluationSetConfig, SummariesConfig, TemplateComparisonConfig, to_settings
 from phi2_assets.metadata import png_markdown, table_markdown
@@ -25,7 +25,7 @@ PROGRESS_LINES = 10
 
 
 @dg.asset(
-    ins={split: dg.AssetIn(key=dg.AssetKey(["cleaned_xsum", split])) for split in generate.EVALUATION_SPLITS},
+    ins={split: dg.AssetIn(key=cleaned_key(split)) for split in generate.EVALUATION_SPLITS},
     group_name=EVALUATION_GROUP, kinds={"pandas", "parquet"}, owners=OWNERS, code_version="1",
 )
 def evaluation_xsum(config: EvaluationSetConfig, validation: pd.DataFrame, test: pd.DataFrame) -> dg.Output[pd.DataFrame]:

@@ -149,6 +149,7 @@ def clean_splits(raw: dict[str, pd.DataFrame], settings: CleaningSettings) -> Cl
 def audit_splits(frames: dict[str, pd.DataFrame]) -> dict[str, list[str]]:
     """What is wrong with cleaned splits, per split: no rows, empty text, duplicate ids, ids shared with another split."""
     problems: dict[str, list[str]] = {}
+    ids = {split: set(frame["id"]) for split, frame in frames.items()}
     for split, frame in frames.items():
         found = [] if len(frame) else ["no rows"]
         for column in ("document", "summary"):
@@ -158,7 +159,7 @@ def audit_splits(frames: dict[str, pd.DataFrame]) -> dict[str, list[str]]:
         duplicated = int(frame["id"].duplicated().sum())
         if duplicated:
             found.append(f"{duplicated} duplicate ids")
-        others = set().union(*(set(other["id"]) for name, other in frames.items() if name != split))
+        others = set().union(*(ids[name] for name in ids if name != split))
         leaked = int(frame["id"].isin(others).sum())
         if leaked:
             found.append(f"{leaked} ids also in another split")

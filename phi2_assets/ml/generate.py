@@ -260,11 +260,12 @@ def generate_summaries(
     """One summary per article, in input order: greedy (or beam) decoding of at most `max_new_tokens`, the
     first line kept, the prompt never echoed. `on_progress(done, total)` is called after each batch."""
     prompts = encode_prompts(tokenizer, settings.template, articles, settings.max_prompt_tokens)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i])) if settings.sort_by_length else list(range(len(prompts)))
-    batches = plan_batches(model, [len(p) for p in prompts], order, settings)
+    lengths = [len(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lengths.__getitem__) if settings.sort_by_length else list(range(len(prompts)))
+    batches = plan_batches(model, lengths, order, settings)
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
-    stop_set = set(stop_ids)
+    stop_set, static = set(stop_ids), settings.cache == "static"
     records: list[GenerationRecord | None] = [None] * len(prompts)
     padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"  # batched decoding: every prompt ends where generation starts
@@ -274,7 +275,7 @@ def generate_summaries(
         with torch.inference_mode():
             done = 0
             for chosen in batches:
-                batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, stop_set, settings.cache == "static")
+                batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, stop_set, static)
                 for index, record in zip(chosen, batch):
                     records[index] = record
                 done += len(chosen)
