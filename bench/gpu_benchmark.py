@@ -7,7 +7,7 @@ safetensors and loaded by `models.load_model` in 4-bit NF4, trained by `train.tr
 number of optimizer steps of 16 sequences each. Tokens/s is measured after the first optimizer step.
 
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=/tmp/site:. python3 bench/gpu_benchmark.py
-        [--recipes seed best ...] [--skip-generation] [--compiled-generation]
+        [--recipes seed best ...] [--skip-generation]
 
 Writes $OUT/h200.json (issue 7's keys + environment), $OUT/h200-details.json and prints a table last.
 """
@@ -66,7 +66,13 @@ RECIPES: dict[str, TrainSettings] = {
 }
 # the phi2 profile's generation path, whose run gives gen_batched_per_s
 PROFILE_GENERATION_PATH = "merged_bf16_static"
-assert PROFILES["phi2"].generation.merged_bf16 and not PROFILES["phi2"].generation.compile, "PROFILE_GENERATION_PATH names another path"
+assert PROFILES["phi2"].generation.merged_bf16 and PROFILES["phi2"].generation.cache == "static", "PROFILE_GENERATION_PATH names another path"
+# the profile's generation against the same with one change each, on the merged model
+GENERATION_VARIANTS = {
+    "merged_bf16_prefill_only": {"max_new_tokens": 1},  # prefill alone splits the time
+    "merged_bf16_eager_steps": {"cuda_graph": False},  # every decoding step launched from Python
+    "merged_bf16_two_batches": {"batch_size": 250},  # near the memory-filling split of earlier runs (358 + 142)
+}
 details: dict = {"steps": STEPS, "effective_batch": EFFECTIVE_BATCH, "peak_bf16_flops_used": gpu_metrics.PEAK_BF16_FLOPS}
 
 
@@ -243,10 +249,11 @@ def generation_run(name: str, model, tokenizer, articles: list[str], settings) -
         "per_s": round(result.summaries_per_second, 3),
         "seconds": round(result.seconds, 2),
         "batch_size": result.batch_size,
+        "batches": result.batch_sizes,
         "nonempty_rate": result.success_rate,
         "mean_new_tokens": round(float(np.mean([r.new_tokens for r in records])), 1),
         "peak_mem_gib": gpu_metrics.gib(torch.cuda.max_memory_allocated()),
-        "settings": {k: getattr(settings, k) for k in ("batch_size", "cache", "compile", "sort_by_length", "max_new_tokens")},
+        "settings": {k: getattr(settings, k) for k in ("batch_size", "cache", "cuda_graph", "sort_by_length", "max_new_tokens")},
     }
     return records
 
@@ -297,7 +304,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--skip-generation", action="store_true")
-    parser.add_argument("--compiled-generation", action="store_true", help="also time compiled decoding, twice (about 2 min)")
     args = parser.parse_args()
     inputs = load_inputs()
     spec, model_dir, tokenizer, model = inputs.spec, inputs.model_dir, inputs.tokenizer, inputs.model
@@ -346,13 +352,9 @@ def main() -> None:
         if reference:
             phase(f"log-probs {kind}", 30, lambda kind=kind: details.setdefault("logprobs_vs_4bit", {}).__setitem__(
                 kind, compare_logprobs(reference, next_token_logprobs(merged["model"], probes))))
-        variants = [(f"{kind}_static", {})]
-        if kind == "merged_bf16":  # prefill alone (1 new token) splits its time
-            variants += [("merged_bf16_prefill_only", {"max_new_tokens": 1})]
-            if args.compiled_generation:  # twice: the first run pays the compilation, the second shows the steady state
-                variants += [("merged_bf16_compiled_first", {"compile": True}), ("merged_bf16_compiled_again", {"compile": True})]
+        variants = [(f"{kind}_static", {})] + (list(GENERATION_VARIANTS.items()) if kind == "merged_bf16" else [])
         for name, options in variants:
-            phase(f"generate {name}", 150 if name == "merged_bf16_compiled_first" else 45, lambda name=name, options=options: outputs.__setitem__(
+            phase(f"generate {name}", 45, lambda name=name, options=options: outputs.__setitem__(
                 name, generation_run(name, merged["model"], tokenizer, articles, dataclasses.replace(profile_settings, **options))))
         merged.clear()
         free_memory()
@@ -364,6 +366,9 @@ def main() -> None:
         }
         if "sequential" in outputs:
             details["summaries_vs_4bit"]["sequential"] = agreement(outputs["sequential"], first[:SEQUENTIAL_ARTICLES])
+    if PROFILE_GENERATION_PATH in outputs:  # a CUDA graph replays the eager step's kernels: summaries must be identical
+        details["summaries_vs_profile_path"] = {name: agreement(outputs[PROFILE_GENERATION_PATH], outputs[name])
+                                                for name in ("merged_bf16_eager_steps", "merged_bf16_two_batches") if name in outputs}
     print_tables(write_figures())
 
 
@@ -399,12 +404,12 @@ def print_tables(figures: dict) -> None:
     print("|---|---|---|---|---|---|---|")
     for name, r in training.items():
         print(f"| {name} | {r['tok_s']:,} | {r['tok_s_end_to_end']:,} | {r['mfu']:.1%} | {r['peak_mem_gib']} | {r['final_train_loss']} | {r['eval_loss_after']} |")
-    print("\n| generation | summaries/s | batch | non-empty | peak GiB |")
+    print("\n| generation | summaries/s | batches | non-empty | peak GiB |")
     print("|---|---|---|---|---|")
     for name, r in generation.items():
-        print(f"| {name} | {r['per_s']} | {r['batch_size']} | {r['nonempty_rate']:.0%} | {r['peak_mem_gib']} |")
+        print(f"| {name} | {r['per_s']} | {' + '.join(map(str, r['batches']))} | {r['nonempty_rate']:.0%} | {r['peak_mem_gib']} |")
     print(json.dumps({k: v for k, v in figures.items() if k != "environment"}))
-    print(json.dumps({k: details.get(k) for k in ("summaries_vs_4bit", "logprobs_vs_4bit", "packed_equals_padded", "errors", "phase_seconds")}))
+    print(json.dumps({k: details.get(k) for k in ("summaries_vs_4bit", "summaries_vs_profile_path", "logprobs_vs_4bit", "packed_equals_padded", "errors", "phase_seconds")}))
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@ import dataclasses
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 from phi2_assets.ml import models, sources
-from phi2_assets.ml.generate import GenerationSettings, budget_batches, generate_summaries, load_merged_bf16, stop_token_ids
+from phi2_assets.ml.batch_planning import cache_length, quickest_batches
+from phi2_assets.ml.generate import GenerationSettings, generate_summaries, load_merged_bf16, stop_token_ids
 from phi2_assets.ml.models import adapted
+from phi2_assets.ml.static_decoding import greedy_static
+from phi2_assets.ml.tokenization import encode_prompts
 from phi2_assets_tests.conftest import tiny_phi
 
 SETTINGS = GenerationSettings(max_new_tokens=12, batch_size=3, max_prompt_tokens=200)
@@ -95,7 +99,7 @@ def test_merged_weights_generate_what_the_unmerged_adapter_does(tiny, adapter_di
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"compile": True}, "compile needs cache='static'"),
+    ({"cache": "static", "num_beams": 2}, "decodes greedily"),
     ({"template": "nope"}, "unknown prompt template"),
     ({"max_new_tokens": 0}, "at least 1"),
     ({"cache": "paged"}, "cache must be one of"),
@@ -105,10 +109,37 @@ def test_impossible_settings_are_refused(change, message):
         dataclasses.replace(SETTINGS, **change)
 
 
-def test_budget_batches_fill_each_batch_by_its_own_longest_prompt():
+def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives(tiny):
+    _, _, model, tokenizer, articles = tiny
+    model.eval()
+    stops = stop_token_ids(tokenizer, model)
+    tokenizer.padding_side = "left"
+    try:
+        padded = tokenizer.pad({"input_ids": encode_prompts(tokenizer, "seed", articles, 200)}, return_tensors="pt")
+    finally:
+        tokenizer.padding_side = "right"
+    config = GenerationConfig(max_new_tokens=12, min_new_tokens=1, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    columns = padded["input_ids"].shape[1]
+    with torch.inference_mode():
+        reference = model.generate(**padded, generation_config=config)[:, columns:].tolist()
+        ours = greedy_static(model, padded["input_ids"], padded["attention_mask"], 12, stops, cache_length(columns, 12), cuda_graph=True).tolist()
+
+    def until_stop(tokens):
+        return tokens[: next((i + 1 for i, token in enumerate(tokens) if token in stops), len(tokens))]
+
+    assert [until_stop(row) for row in ours] == [until_stop(row) for row in reference]
+    assert any(len(until_stop(row)) > 1 for row in reference)  # the comparison covers decoding steps, not only prefill
+
+
+def test_quickest_batches_trade_padding_against_decoding_steps():
     lengths = [100, 10, 30, 20, 500]
     order = sorted(range(len(lengths)), key=lengths.__getitem__)  # 10, 20, 30, 100, 500
-    # caches round up to 64 slots: three short prompts take 3 x 64; with the 100-token one each row needs 128
-    assert budget_batches(lengths, order, max_new_tokens=10, token_slots=256) == [[1, 3, 2], [0], [4]]
-    assert budget_batches(lengths, order, max_new_tokens=10, token_slots=10_000) == [[1, 3, 2, 0, 4]]
-    assert budget_batches([], [], max_new_tokens=10, token_slots=256) == []
+    # when a decoding step's fixed cost dominates, as few batches as memory allows: caches round up to 64 slots,
+    # three short prompts take 3 x 64 of 256; with the 100-token one each row needs 128
+    assert quickest_batches(lengths, order, 10, token_slots=256, prefill_cost=0, step_cost=1e9) == [[1, 3, 2], [0], [4]]
+    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=1e9) == [[1, 3, 2, 0, 4]]
+    # when padding costs more than a batch's decoding steps, the long prompt goes alone though memory would take all
+    assert quickest_batches([10, 10, 10, 10, 500], range(5), 10, token_slots=10_000, prefill_cost=1, step_cost=100) == [[0, 1, 2, 3], [4]]
+    # without a per-step cost nothing is worth padding for
+    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=0) == [[1], [3], [2], [0], [4]]
+    assert quickest_batches([], [], 10, token_slots=256, prefill_cost=1, step_cost=1) == []

@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from phi2_assets.ml import models
+from phi2_assets.ml.batch_planning import cache_length, plan_batches
 from phi2_assets.ml.prompts import TEMPLATES, split_template
 from phi2_assets.ml.settings import documented
+from phi2_assets.ml.static_decoding import greedy_static
 from phi2_assets.ml.tokenization import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -28,12 +30,6 @@ EVALUATION_SPLITS = ("validation", "test")
 CACHE_KINDS = ("dynamic", "static")
 # How a newline looks inside vocabulary entries: raw (SentencePiece, Gemma), byte-level BPE (GPT-2, Phi), byte fallback.
 _NEWLINE_SPELLINGS = ("\n", "Ċ", "<0x0A>")
-# Share of free CUDA memory the KV cache and activations of one batch may take.
-_FREE_MEMORY_SHARE = 0.6
-_MAX_AUTO_BATCH = 512
-_CPU_BATCH = 8
-# A static cache's length is rounded up to this, so batches of similar length share one compiled decoding graph.
-_STATIC_CACHE_ROUNDING = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +71,11 @@ class GenerationSettings:
     template: str = documented("prompt template; must be the one the adapter was trained with", "seed")
     max_new_tokens: int = documented("new tokens at most per summary (never max_length: the prompt does not count)", 60)
     num_beams: int = documented("beams; 1 = greedy", 1)
-    batch_size: int = documented("prompts per generate call; 0 = as many as free memory holds, per batch of similar length, on CUDA (8 on CPU)", 0)
+    batch_size: int = documented("prompts per generate call; 0 = on CUDA the split of length-sorted prompts a cost model finds quickest within free memory (8 on CPU)", 0)
     max_prompt_tokens: int = documented("prompt budget; the article is truncated to fit, never the template", 1_066)
     sort_by_length: bool = documented("batch prompts of similar length together, shortest first (less padding, shorter caches); output keeps input order", True)
-    cache: str = documented("KV cache: `dynamic`, or `static` (preallocated, needed for compiled decoding)", "dynamic")
-    compile: bool = documented("torch.compile the decoding step (CUDA with a static cache; transformers' auto-compile)", False)
+    cache: str = documented("KV cache: `dynamic` (transformers' generate), or `static` (preallocated per batch; greedy only)", "dynamic")
+    cuda_graph: bool = documented("with the static cache on CUDA, replay each decoding step as a CUDA graph (one launch a step)", True)
     merged_bf16: bool = documented("evaluate on a bf16 copy of the base with the adapter merged in, instead of 4-bit + LoRA", False)
 
     def __post_init__(self) -> None:
@@ -92,8 +88,8 @@ class GenerationSettings:
             raise ValueError(f"max_prompt_tokens must be at least 32, got {self.max_prompt_tokens}")
         if self.cache not in CACHE_KINDS:
             raise ValueError(f"cache must be one of {CACHE_KINDS}, got {self.cache!r}")
-        if self.compile and self.cache != "static":
-            raise ValueError("compile needs cache='static': a dynamic cache changes shape every step")
+        if self.cache == "static" and self.num_beams != 1:
+            raise ValueError("cache='static' decodes greedily: beam search (num_beams > 1) needs cache='dynamic'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,50 +144,6 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -
     return sorted(ids | {i for i, text in zip(candidates, decoded) if "\n" in text})
 
 
-def generation_memory_budget(model: PreTrainedModel) -> int:
-    """Bytes one batch's KV cache and prefill activations may take: a share of what is free on the device,
-    counting memory PyTorch's allocator holds cached but unused (an earlier batch's cache) as free."""
-    free, _ = torch.cuda.mem_get_info(model.device)
-    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
-    return int(free * _FREE_MEMORY_SHARE)
-
-
-def bytes_per_token(model: PreTrainedModel, settings: GenerationSettings) -> int:
-    """K and V of every layer, plus a prefill's hidden states (a few times the hidden size) as headroom."""
-    config = model.config.get_text_config()
-    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = torch.finfo(torch.bfloat16).bits // 8
-    return (2 * config.num_hidden_layers * heads * head_dim + 8 * config.hidden_size) * element * settings.num_beams
-
-
-def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence[int], settings: GenerationSettings) -> list[list[int]]:
-    """Prompt indices per generate call, in `order`: fixed batches of the configured size (8 on CPU), or on CUDA
-    batches sized by free memory (`budget_batches`)."""
-    fixed = settings.batch_size or (_CPU_BATCH if model.device.type != "cuda" else 0)
-    if fixed:
-        return [list(order[start:start + fixed]) for start in range(0, len(order), fixed)]
-    slots = generation_memory_budget(model) // bytes_per_token(model, settings)
-    return budget_batches(lengths, order, settings.max_new_tokens, slots)
-
-
-def budget_batches(lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, token_slots: int) -> list[list[int]]:
-    """Consecutive prompts of `order` per batch while the batch's padded cache (rows x (its longest prompt + new
-    tokens)) fits `token_slots`: with prompts sorted by length, short ones go many to a batch, so decoding takes
-    fewer steps, each keeping the GPU busier. A prompt too long for the budget alone still gets a batch of one."""
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    longest = 0
-    for index in order:
-        widest = max(longest, lengths[index])
-        if batch and (len(batch) == _MAX_AUTO_BATCH or (len(batch) + 1) * _cache_length(widest, max_new_tokens) > token_slots):
-            batches.append(batch)
-            batch, widest = [], lengths[index]
-        batch.append(index)
-        longest = widest
-    return batches + [batch] if batch else batches
-
-
 def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id: int) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
@@ -200,32 +152,25 @@ def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id
         do_sample=False,
         eos_token_id=stop_ids,
         pad_token_id=pad_id,
-        disable_compile=not settings.compile,
     )
-
-
-def _cache_length(prompt_columns: int, max_new_tokens: int) -> int:
-    return -(-(prompt_columns + max_new_tokens) // _STATIC_CACHE_ROUNDING) * _STATIC_CACHE_ROUNDING
-
-
-def _static_cache(model: PreTrainedModel, prompt_columns: int, max_new_tokens: int) -> StaticCache:
-    """A preallocated cache sized for this batch. `cache_implementation="static"` would instead keep the longest
-    length any earlier call used, so every later batch would attend over the longest batch's cache."""
-    return StaticCache(config=model.config, max_cache_len=_cache_length(prompt_columns, max_new_tokens))
 
 
 def _first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-def _generate_batch(model, tokenizer, prompts: list[list[int]], config: GenerationConfig, stop_ids: set[int], static: bool) -> list[GenerationRecord]:
+def _generate_batch(model, tokenizer, prompts: list[list[int]], config: GenerationConfig, stop_ids: list[int], settings: GenerationSettings) -> list[GenerationRecord]:
     padded = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(model.device)
-    cache = _static_cache(model, padded["input_ids"].shape[1], config.max_new_tokens) if static else None
-    output = model.generate(**padded, generation_config=config, cache=cache)
-    new_tokens = output[:, padded["input_ids"].shape[1]:].tolist()  # left padding: new tokens start at one column
+    columns = padded["input_ids"].shape[1]
+    if settings.cache == "static":
+        new_tokens = greedy_static(model, padded["input_ids"], padded["attention_mask"], config.max_new_tokens, stop_ids,
+                                   cache_length(columns, config.max_new_tokens), settings.cuda_graph).tolist()
+    else:
+        new_tokens = model.generate(**padded, generation_config=config)[:, columns:].tolist()  # left padding: new tokens start at one column
+    stop_set = set(stop_ids)
     records = []
     for prompt, tokens in zip(prompts, new_tokens):
-        stop_at = next((i for i, token in enumerate(tokens) if token in stop_ids), None)
+        stop_at = next((i for i, token in enumerate(tokens) if token in stop_set), None)
         kept = tokens if stop_at is None else tokens[: stop_at + 1]
         text = _first_line(tokenizer.decode(kept, skip_special_tokens=True))
         records.append(GenerationRecord(
@@ -235,18 +180,18 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], config: Generati
     return records
 
 
-def _generate_or_isolate(model, tokenizer, prompts, config, stop_ids, static) -> list[GenerationRecord]:
+def _generate_or_isolate(model, tokenizer, prompts, config, stop_ids, settings) -> list[GenerationRecord]:
     """A failing batch (e.g. out of memory) is retried in halves down to single prompts, so one bad row costs only
     itself and an oversized batch only a few smaller calls."""
     try:
-        return _generate_batch(model, tokenizer, prompts, config, stop_ids, static)
+        return _generate_batch(model, tokenizer, prompts, config, stop_ids, settings)
     except Exception as error:  # noqa: BLE001 — every row must come back with a status
         if len(prompts) > 1:
             log.warning("batch of %d failed (%s); retrying in halves", len(prompts), error)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             half = len(prompts) // 2
-            return [record for part in (prompts[:half], prompts[half:]) for record in _generate_or_isolate(model, tokenizer, part, config, stop_ids, static)]
+            return [record for part in (prompts[:half], prompts[half:]) for record in _generate_or_isolate(model, tokenizer, part, config, stop_ids, settings)]
         return [GenerationRecord("", "error", 0, len(prompts[0]), False, f"{type(error).__name__}: {error}")]
 
 
@@ -258,24 +203,24 @@ def generate_summaries(
     on_progress: Callable[[int, int], None] | None = None,
 ) -> GenerationResult:
     """One summary per article, in input order: greedy (or beam) decoding of at most `max_new_tokens`, the
-    first line kept, the prompt never echoed. `on_progress(done, total)` is called after each batch."""
+    first line kept, the prompt never echoed. `on_progress(done, total)` is called after each batch. The time
+    counts tokenizing and batch planning."""
+    started = time.perf_counter()
     prompts = encode_prompts(tokenizer, settings.template, articles, settings.max_prompt_tokens)
     lengths = [len(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lengths.__getitem__) if settings.sort_by_length else list(range(len(prompts)))
-    batches = plan_batches(model, lengths, order, settings)
+    batches = plan_batches(model, lengths, order, settings.max_new_tokens, settings.batch_size, settings.num_beams)
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
-    stop_set, static = set(stop_ids), settings.cache == "static"
     records: list[GenerationRecord | None] = [None] * len(prompts)
     padding_side, was_training = tokenizer.padding_side, model.training
     tokenizer.padding_side = "left"  # batched decoding: every prompt ends where generation starts
     model.eval()
-    started = time.perf_counter()
     try:
         with torch.inference_mode():
             done = 0
             for chosen in batches:
-                batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, stop_set, static)
+                batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, stop_ids, settings)
                 for index, record in zip(chosen, batch):
                     records[index] = record
                 done += len(chosen)

@@ -1,0 +1,94 @@
+"""Which prompts share a generate call: fixed batches, or on CUDA the split of length-sorted prompts that a model
+of generation time says is quickest, within free memory.
+
+The model counts what a batch of `rows` prompts padded to `width` tokens costs: prefill computes rows x width
+tokens (2 FLOPs per parameter each, compute-bound), and each of up to `max_new_tokens` decoding steps reads the
+weights once plus rows x cache-length cached tokens (bandwidth-bound). Big batches read the weights fewer times;
+batches of similar length pad less, in prefill and in every decoding step's cache. Costs are in units of one cached
+token read by one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+# Share of free CUDA memory the KV cache and activations of one batch may take.
+_FREE_MEMORY_SHARE = 0.6
+_MAX_AUTO_BATCH = 512
+_CPU_BATCH = 8
+# A static cache's length is rounded up to this, so batches of similar length share shapes (cuDNN plans per shape).
+STATIC_CACHE_ROUNDING = 64
+# Measured on an H200 (docs/BENCHMARKS.md, "Generation"): prefill sustains about 100 FLOPs per byte that decoding's
+# cache reads move, and a CUDA-graphed decoding step costs about 3x reading the weights (small kernels' latency).
+_PREFILL_FLOPS_PER_CACHE_BYTE = 100
+_STEP_COST_OVER_WEIGHT_READ = 3.0
+
+
+def cache_length(prompt_columns: int, max_new_tokens: int) -> int:
+    return -(-(prompt_columns + max_new_tokens) // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING
+
+
+def kv_bytes_per_token(model: PreTrainedModel) -> int:
+    """K and V of every layer for one token, in bf16."""
+    config = model.config.get_text_config()
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * (torch.finfo(torch.bfloat16).bits // 8)
+
+
+def bytes_per_token(model: PreTrainedModel, num_beams: int) -> int:
+    """A token's KV cache plus a prefill's hidden states (a few times the hidden size) as headroom, per beam."""
+    hidden = model.config.get_text_config().hidden_size * (torch.finfo(torch.bfloat16).bits // 8)
+    return (kv_bytes_per_token(model) + 8 * hidden) * num_beams
+
+
+def generation_memory_budget(model: PreTrainedModel) -> int:
+    """Bytes one batch's KV cache and prefill activations may take: a share of what is free on the device,
+    counting memory PyTorch's allocator holds cached but unused (an earlier batch's cache) as free."""
+    free, _ = torch.cuda.mem_get_info(model.device)
+    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
+    return int(free * _FREE_MEMORY_SHARE)
+
+
+def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, batch_size: int, num_beams: int) -> list[list[int]]:
+    """Prompt indices per generate call, in `order`: fixed batches of `batch_size` (0 = 8 on CPU), or on CUDA the
+    quickest split under the cost model within free memory (`quickest_batches`)."""
+    fixed = batch_size or (_CPU_BATCH if model.device.type != "cuda" else 0)
+    if fixed:
+        return [list(order[start:start + fixed]) for start in range(0, len(order), fixed)]
+    kv_bytes = kv_bytes_per_token(model)
+    return quickest_batches(
+        lengths, order, max_new_tokens,
+        token_slots=generation_memory_budget(model) // bytes_per_token(model, num_beams),
+        prefill_cost=2 * model.num_parameters() / (_PREFILL_FLOPS_PER_CACHE_BYTE * kv_bytes),
+        step_cost=_STEP_COST_OVER_WEIGHT_READ * model.get_memory_footprint() / kv_bytes,
+    )
+
+
+def quickest_batches(lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, token_slots: int, prefill_cost: float, step_cost: float) -> list[list[int]]:
+    """Consecutive prompts of `order` per batch, split where the modelled time is least (dynamic programming over
+    split points): a batch of `rows` prompts whose longest has `width` tokens costs
+    `prefill_cost * rows * width + max_new_tokens * (step_cost + rows * cache_length(width))`, and its cache
+    (rows x cache length) must fit `token_slots`. A prompt too long for the budget alone still gets a batch of one."""
+    widths = np.asarray([lengths[index] for index in order], dtype=np.int64)
+    best = np.full(len(widths) + 1, np.inf)
+    best[0] = 0.0
+    start_of = np.zeros(len(widths) + 1, dtype=np.int64)
+    for end in range(1, len(widths) + 1):
+        starts = np.arange(max(0, end - _MAX_AUTO_BATCH), end)
+        widest = np.maximum.accumulate(widths[starts][::-1])[::-1]  # longest prompt of order[start:end]
+        rows = end - starts
+        caches = cache_length(widest, max_new_tokens)
+        costs = best[starts] + prefill_cost * rows * widest + max_new_tokens * (step_cost + rows * caches)
+        costs[(rows > 1) & (rows * caches > token_slots)] = np.inf
+        cheapest = int(np.argmin(costs))
+        best[end], start_of[end] = costs[cheapest], starts[cheapest]
+    batches, end = [], len(widths)
+    while end:
+        batches.append(list(order[start_of[end]:end]))
+        end = int(start_of[end])
+    return batches[::-1]
