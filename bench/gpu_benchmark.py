@@ -69,7 +69,6 @@ PROFILE_GENERATION_PATH = "merged_bf16_static"
 assert PROFILES["phi2"].generation.merged_bf16 and PROFILES["phi2"].generation.cache == "static", "PROFILE_GENERATION_PATH names another path"
 # the profile's generation against the same with one change each, on the merged model
 GENERATION_VARIANTS = {
-    "merged_bf16_prefill_only": {"max_new_tokens": 1},  # prefill alone splits the time
     "merged_bf16_eager_steps": {"cuda_graph": False},  # every decoding step launched from Python
     "merged_bf16_two_batches": {"batch_size": 250},  # near the memory-filling split of earlier runs (358 + 142)
 }
@@ -250,12 +249,39 @@ def generation_run(name: str, model, tokenizer, articles: list[str], settings) -
         "seconds": round(result.seconds, 2),
         "batch_size": result.batch_size,
         "batches": result.batch_sizes,
+        "batch_seconds": [round(x, 3) for x in result.batch_seconds],
         "nonempty_rate": result.success_rate,
         "mean_new_tokens": round(float(np.mean([r.new_tokens for r in records])), 1),
         "peak_mem_gib": gpu_metrics.gib(torch.cuda.max_memory_allocated()),
         "settings": {k: getattr(settings, k) for k in ("batch_size", "cache", "cuda_graph", "sort_by_length", "max_new_tokens")},
     }
     return records
+
+
+def split_batches(model, tokenizer, articles: list[str], settings) -> None:
+    """Each batch of the profile's run again with one new token: its prefill time. The rest of the batch's time,
+    per decoding step, against the cache it reads (rows x cache length), with CUDA graphs and with eager steps.
+    (`max_new_tokens=1` on all articles would let the planner split them differently.)"""
+    from phi2_assets.ml.batch_planning import cache_length
+    from phi2_assets.ml.tokenization import encode_prompts
+
+    generation = details["generation"]
+    prompts = encode_prompts(tokenizer, settings.template, articles, settings.max_prompt_tokens)
+    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
+    steps, start, batches = settings.max_new_tokens - 1, 0, []
+    for position, rows in enumerate(generation[PROFILE_GENERATION_PATH]["batches"]):
+        chosen = order[start:start + rows]
+        start += rows
+        once = dataclasses.replace(settings, max_new_tokens=1, batch_size=rows)
+        prefill = generate.generate_summaries(model, tokenizer, [articles[i] for i in chosen], once).batch_seconds[0]
+        width = max(len(prompts[i]) for i in chosen)
+        entry = {"rows": rows, "width": width, "cache": cache_length(width, settings.max_new_tokens), "prefill_s": round(prefill, 3),
+                 "prefill_padded_tok_s": round(rows * width / prefill)}
+        for name, label in ((PROFILE_GENERATION_PATH, "graph"), ("merged_bf16_eager_steps", "eager")):
+            if name in generation:
+                entry[f"{label}_ms_per_step"] = round((generation[name]["batch_seconds"][position] - prefill) / steps * 1e3, 2)
+        batches.append(entry)
+    details["generation_split"] = batches
 
 
 def agreement(reference: list, other: list) -> dict:
@@ -356,13 +382,15 @@ def main() -> None:
         for name, options in variants:
             phase(f"generate {name}", 45, lambda name=name, options=options: outputs.__setitem__(
                 name, generation_run(name, merged["model"], tokenizer, articles, dataclasses.replace(profile_settings, **options))))
+        if kind == "merged_bf16":
+            phase("split prefill and decoding", 45, lambda: split_batches(merged["model"], tokenizer, articles, profile_settings))
         merged.clear()
         free_memory()
     if "batched_4bit" in outputs:
         first = outputs["batched_4bit"]
         details["summaries_vs_4bit"] = {
             name: agreement(first, records[: len(first)]) for name, records in outputs.items()
-            if name not in ("batched_4bit", "sequential", "merged_bf16_prefill_only")
+            if name not in ("batched_4bit", "sequential")
         }
         if "sequential" in outputs:
             details["summaries_vs_4bit"]["sequential"] = agreement(outputs["sequential"], first[:SEQUENTIAL_ARTICLES])
@@ -409,7 +437,7 @@ def print_tables(figures: dict) -> None:
     for name, r in generation.items():
         print(f"| {name} | {r['per_s']} | {' + '.join(map(str, r['batches']))} | {r['nonempty_rate']:.0%} | {r['peak_mem_gib']} |")
     print(json.dumps({k: v for k, v in figures.items() if k != "environment"}))
-    print(json.dumps({k: details.get(k) for k in ("summaries_vs_4bit", "summaries_vs_profile_path", "logprobs_vs_4bit", "packed_equals_padded", "errors", "phase_seconds")}))
+    print(json.dumps({k: details.get(k) for k in ("generation_split", "summaries_vs_4bit", "summaries_vs_profile_path", "logprobs_vs_4bit", "packed_equals_padded", "errors", "phase_seconds")}))
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ class GenerationResult:
     records: list[GenerationRecord]
     seconds: float
     batch_sizes: list[int]
+    batch_seconds: list[float]
 
     @property
     def batch_size(self) -> int:
@@ -218,9 +219,11 @@ def generate_summaries(
     model.eval()
     try:
         with torch.inference_mode():
-            done = 0
+            done, batch_seconds = 0, []
             for chosen in batches:
+                batch_started = time.perf_counter()
                 batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, stop_ids, settings)
+                batch_seconds.append(time.perf_counter() - batch_started)  # the batch's tokens came back to the host: it is done
                 for index, record in zip(chosen, batch):
                     records[index] = record
                 done += len(chosen)
@@ -229,7 +232,8 @@ def generate_summaries(
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
-    return GenerationResult(records=list(records), seconds=time.perf_counter() - started, batch_sizes=[len(b) for b in batches])
+    return GenerationResult(records=list(records), seconds=time.perf_counter() - started, batch_sizes=[len(b) for b in batches],
+                            batch_seconds=batch_seconds)
 
 
 def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str | Path | None) -> PreTrainedModel:
