@@ -109,25 +109,28 @@ def test_impossible_settings_are_refused(change, message):
         dataclasses.replace(SETTINGS, **change)
 
 
-def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives(tiny):
+def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives_however_prefill_is_chunked(tiny):
     _, _, model, tokenizer, articles = tiny
     model.eval()
     stops = stop_token_ids(tokenizer, model)
     tokenizer.padding_side = "left"
     try:
-        padded = tokenizer.pad({"input_ids": encode_prompts(tokenizer, "seed", articles, 200)}, return_tensors="pt")
+        # prompts of 178 to 500 tokens: chunks pad to different widths
+        prompts = sorted(encode_prompts(tokenizer, "seed", articles, 500), key=len)
+        padded = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
     finally:
         tokenizer.padding_side = "right"
     config = GenerationConfig(max_new_tokens=12, min_new_tokens=1, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     columns = padded["input_ids"].shape[1]
     with torch.inference_mode():
         reference = model.generate(**padded, generation_config=config)[:, columns:].tolist()
-        ours = greedy_static(model, padded["input_ids"], padded["attention_mask"], 12, stops, cache_length(columns, 12), cuda_graph=True).tolist()
+        ours = [greedy_static(model, padded["input_ids"], padded["attention_mask"], 12, stops, cache_length(columns, 12), cuda_graph=True,
+                              prefill_chunk_tokens=chunk).tolist() for chunk in (16_384, 900)]  # one prefill; chunks of 1-3 rows
 
     def until_stop(tokens):
         return tokens[: next((i + 1 for i, token in enumerate(tokens) if token in stops), len(tokens))]
 
-    assert [until_stop(row) for row in ours] == [until_stop(row) for row in reference]
+    assert [until_stop(row) for row in ours[0]] == [until_stop(row) for row in ours[1]] == [until_stop(row) for row in reference]
     assert any(len(until_stop(row)) > 1 for row in reference)  # the comparison covers decoding steps, not only prefill
 
 

@@ -2,10 +2,11 @@
 of generation time says is quickest, within free memory.
 
 The model counts what a batch of `rows` prompts padded to `width` tokens costs: prefill computes rows x width
-tokens (2 FLOPs per parameter each, compute-bound), and each of up to `max_new_tokens` decoding steps reads the
-weights once plus rows x cache-length cached tokens (bandwidth-bound). Big batches read the weights fewer times;
-batches of similar length pad less, in prefill and in every decoding step's cache. Costs are in units of one cached
-token read by one step.
+tokens (2 FLOPs per parameter each, compute-bound; nothing where prefill runs in chunks of similar length, as the
+static-cache path does, since then it computes each prompt's own tokens whatever the split), and each of up to
+`max_new_tokens` decoding steps pays a fixed cost (weights read, small kernels) plus rows x cache-length cached
+tokens read. Big batches pay the fixed cost fewer times; batches of similar length pad less, in every decoding
+step's cache. Costs are in units of one cached token read by one step.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ _MAX_AUTO_BATCH = 512
 _CPU_BATCH = 8
 # A static cache's length is rounded up to this, so batches of similar length share shapes (cuDNN plans per shape).
 STATIC_CACHE_ROUNDING = 64
-# Measured on an H200 (docs/BENCHMARKS.md, "Generation"): prefill sustains about 100 FLOPs per byte that decoding's
-# cache reads move, and a CUDA-graphed decoding step costs about 3x reading the weights (small kernels' latency).
+# Fitted on an H200 (docs/BENCHMARKS.md, "Generation"): prefill sustains about 100 FLOPs per byte that decoding's
+# cache reads move (12.4 us a token against 73 ns a cached token), and a CUDA-graphed decoding step's fixed cost is
+# about 5x reading the weights (6.1 ms: ~1,000 small kernels).
 _PREFILL_FLOPS_PER_CACHE_BYTE = 100
-_STEP_COST_OVER_WEIGHT_READ = 3.0
+_STEP_COST_OVER_WEIGHT_READ = 5.0
 
 
 def cache_length(prompt_columns: int, max_new_tokens: int) -> int:
@@ -54,7 +56,8 @@ def generation_memory_budget(model: PreTrainedModel) -> int:
     return int(free * _FREE_MEMORY_SHARE)
 
 
-def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, batch_size: int, num_beams: int) -> list[list[int]]:
+def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, batch_size: int,
+                 num_beams: int, chunked_prefill: bool) -> list[list[int]]:
     """Prompt indices per generate call, in `order`: fixed batches of `batch_size` (0 = 8 on CPU), or on CUDA the
     quickest split under the cost model within free memory (`quickest_batches`)."""
     fixed = batch_size or (_CPU_BATCH if model.device.type != "cuda" else 0)
@@ -64,7 +67,7 @@ def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence
     return quickest_batches(
         lengths, order, max_new_tokens,
         token_slots=generation_memory_budget(model) // bytes_per_token(model, num_beams),
-        prefill_cost=2 * model.num_parameters() / (_PREFILL_FLOPS_PER_CACHE_BYTE * kv_bytes),
+        prefill_cost=0.0 if chunked_prefill else 2 * model.num_parameters() / (_PREFILL_FLOPS_PER_CACHE_BYTE * kv_bytes),
         step_cost=_STEP_COST_OVER_WEIGHT_READ * model.get_memory_footprint() / kv_bytes,
     )
 

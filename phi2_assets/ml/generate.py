@@ -74,7 +74,7 @@ class GenerationSettings:
     batch_size: int = documented("prompts per generate call; 0 = on CUDA the split of length-sorted prompts a cost model finds quickest within free memory (8 on CPU)", 0)
     max_prompt_tokens: int = documented("prompt budget; the article is truncated to fit, never the template", 1_066)
     sort_by_length: bool = documented("batch prompts of similar length together, shortest first (less padding, shorter caches); output keeps input order", True)
-    cache: str = documented("KV cache: `dynamic` (transformers' generate), or `static` (preallocated per batch; greedy only)", "dynamic")
+    cache: str = documented("KV cache: `dynamic` (transformers' generate), or `static` (preallocated per batch, prefilled in chunks of similar length; greedy only)", "dynamic")
     cuda_graph: bool = documented("with the static cache on CUDA, replay each decoding step as a CUDA graph (one launch a step)", True)
     merged_bf16: bool = documented("evaluate on a bf16 copy of the base with the adapter merged in, instead of 4-bit + LoRA", False)
 
@@ -210,7 +210,8 @@ def generate_summaries(
     prompts = encode_prompts(tokenizer, settings.template, articles, settings.max_prompt_tokens)
     lengths = [len(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lengths.__getitem__) if settings.sort_by_length else list(range(len(prompts)))
-    batches = plan_batches(model, lengths, order, settings.max_new_tokens, settings.batch_size, settings.num_beams)
+    batches = plan_batches(model, lengths, order, settings.max_new_tokens, settings.batch_size, settings.num_beams,
+                           chunked_prefill=settings.cache == "static")
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
     records: list[GenerationRecord | None] = [None] * len(prompts)

@@ -5,6 +5,10 @@ synchronises after each step; on an H200 that host time, not the GPU, set the pa
 A CUDA graph replays one recorded step with a single launch. Recording needs fixed shapes and addresses: a
 `StaticCache` (its write index is a device tensor) and the step's inputs (token, position, attention mask) kept in
 buffers updated in place. Recording costs one step of host time; nothing is compiled.
+
+Prefill runs in chunks of consecutive rows (sorted by length when they arrive sorted), each padded only to its own
+longest prompt, and its keys and values are copied into the batch's cache right-aligned: a batch may then mix
+prompt lengths widely without computing the padding (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -12,13 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import PreTrainedModel, StaticCache
+from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 # Eager steps before recording: the first decoding steps build cuDNN plans and cuBLAS workspaces, which must exist
 # before capture.
 _WARM_UP_STEPS = 2
 # Steps between checks that every row has stopped: each check waits for the GPU.
 _STOP_CHECK_EVERY = 8
+# Padded tokens per prefill forward: enough to keep an H200 busy, few enough that a chunk pads little.
+PREFILL_CHUNK_TOKENS = 16_384
 
 
 def greedy_static(
@@ -29,6 +35,7 @@ def greedy_static(
     stop_ids: Sequence[int],
     cache_length: int,
     cuda_graph: bool,
+    prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
 ) -> torch.Tensor:
     """New token ids (rows x at most `max_new_tokens`) of greedy decoding of a left-padded batch: the tokens
     `model.generate(do_sample=False, min_new_tokens=1)` gives, up to each row's first stop token (a stopped row
@@ -36,7 +43,7 @@ def greedy_static(
     rows, columns = input_ids.shape
     cache = StaticCache(config=model.config, max_cache_len=cache_length)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first token
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache, logits_to_keep=1).logits[:, -1]
+    logits = _prefill(model, input_ids, attention_mask, positions, cache, prefill_chunk_tokens)
     stops = torch.tensor(list(stop_ids), device=input_ids.device)
     logits[:, stops] = torch.finfo(logits.dtype).min  # no summary may end before it starts
     next_ids = logits.argmax(-1)
@@ -63,6 +70,40 @@ def greedy_static(
         step_ids.copy_(next_ids[:, None])
         step_positions.add_(1)
     return torch.stack(tokens, dim=1)
+
+
+def _prefill(model, input_ids, attention_mask, positions, cache: StaticCache, chunk_tokens: int) -> torch.Tensor:
+    """Last-position logits of every row, and `cache` holding the prompts' keys and values in columns
+    [0, prompt columns): each chunk of rows computes only its own last `width` columns, into a transient cache."""
+    rows, columns = input_ids.shape
+    lengths = attention_mask.sum(-1).tolist()
+    logits = []
+    for start, end in _row_chunks(lengths, chunk_tokens):
+        width = max(lengths[start:end])
+        part = DynamicCache(config=model.config)
+        window = slice(columns - width, columns)
+        logits.append(model(input_ids=input_ids[start:end, window], attention_mask=attention_mask[start:end, window],
+                            position_ids=positions[start:end, window], cache=part, logits_to_keep=1).logits[:, -1])
+        if not start:
+            keys = part.layers[0].keys
+            cache.early_initialization(rows, keys.shape[1], keys.shape[-1], keys.dtype, keys.device)
+        for layer, chunk in zip(cache.layers, part.layers):
+            layer.keys[start:end, :, window] = chunk.keys
+            layer.values[start:end, :, window] = chunk.values
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(columns)  # decoding writes its first token after the prompt columns
+    return torch.cat(logits)
+
+
+def _row_chunks(lengths: Sequence[int], chunk_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive row ranges whose rows x longest length stays within `chunk_tokens` (a row alone may exceed it)."""
+    chunks, start, widest = [], 0, 0
+    for index, length in enumerate(lengths):
+        widest = max(widest, length)
+        if index > start and (index + 1 - start) * widest > chunk_tokens:
+            chunks.append((start, index))
+            start, widest = index, length
+    return chunks + [(start, len(lengths))] if lengths else chunks
 
 
 def _recorded(step: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
