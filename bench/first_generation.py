@@ -1,0 +1,49 @@
+"""Generation as an evaluation asset's fresh process meets it: several passes over the same 500 articles on the
+phi-2-shaped merged bf16 model with the phi2 profile's settings, optionally without cuDNN attention (which plans
+each new shape on the host). The first pass pays every one-time cost; later passes show the steady state.
+
+    PYTHONPATH=/tmp/site:. python3 bench/first_generation.py [--without-cudnn] [--passes 3]
+
+Writes $OUT/h200-first-generation-{default,without-cudnn}.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench import gpu_benchmark as bench
+from bench.phi2_shape import save_phi2_shape, synthetic_articles
+from phi2_assets.ml import generate, models
+from phi2_assets.profiles import PROFILES
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--without-cudnn", action="store_true")
+    parser.add_argument("--passes", type=int, default=3)
+    args = parser.parse_args()
+    bench.OUT.mkdir(parents=True, exist_ok=True)
+    model_dir = str(save_phi2_shape(bench.WORK / "phi2-shape"))
+    spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
+    tokenizer = models.load_tokenizer(spec, model_dir)
+    model = generate.load_merged_bf16(spec, model_dir, None)
+    articles = synthetic_articles(bench.MERGED_ARTICLES)
+    label = "without-cudnn" if args.without_cudnn else "default"
+    passes = []
+    for index in range(args.passes):
+        backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if args.without_cudnn else contextlib.nullcontext()
+        with backends:
+            result = generate.generate_summaries(model, tokenizer, articles, PROFILES["phi2"].generation)
+        passes.append({"pass": index + 1, "per_s": round(result.summaries_per_second, 2), "seconds": round(result.seconds, 2),
+                       "batches": result.batch_sizes, "batch_seconds": [round(s, 3) for s in result.batch_seconds],
+                       "nonempty_rate": result.success_rate})
+        print(f"[{label}] {json.dumps(passes[-1])}", flush=True)
+    (bench.OUT / f"h200-first-generation-{label}.json").write_text(json.dumps({"sdpa": label, "passes": passes}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
