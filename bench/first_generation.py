@@ -1,16 +1,18 @@
 """Generation as an evaluation asset's fresh process meets it: several passes over the same 500 articles on the
 phi-2-shaped merged bf16 model with the phi2 profile's settings, optionally without cuDNN attention (which plans
 each new shape on the host). The first pass pays every one-time cost; later passes show the steady state.
+`--unmerged` times the 4-bit model's path instead (`merged_bf16: false`: dynamic cache, 256 articles).
 
-    PYTHONPATH=/tmp/site:. python3 bench/first_generation.py [--without-cudnn] [--passes 3]
+    PYTHONPATH=/tmp/site:. python3 bench/first_generation.py [--without-cudnn] [--unmerged] [--passes 3]
 
-Writes $OUT/h200-first-generation-{default,without-cudnn}.json.
+Writes $OUT/h200-first-generation-{default,without-cudnn}[-unmerged].json.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -24,20 +26,27 @@ from phi2_assets.profiles import PROFILES
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--without-cudnn", action="store_true")
+    parser.add_argument("--unmerged", action="store_true")
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
     bench.OUT.mkdir(parents=True, exist_ok=True)
     model_dir = str(save_phi2_shape(bench.WORK / "phi2-shape"))
     spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
     tokenizer = models.load_tokenizer(spec, model_dir)
-    model = generate.load_merged_bf16(spec, model_dir, None)
-    articles = synthetic_articles(bench.MERGED_ARTICLES)
-    label = "without-cudnn" if args.without_cudnn else "default"
+    settings = PROFILES["phi2"].generation
+    if args.unmerged:
+        model = models.load_model(spec, model_dir, models.choose_precision(True))
+        settings = dataclasses.replace(settings, merged_bf16=False, cache="dynamic")
+        articles = synthetic_articles(bench.MERGED_ARTICLES)[: bench.UNMERGED_ARTICLES]
+    else:
+        model = generate.load_merged_bf16(spec, model_dir, None)
+        articles = synthetic_articles(bench.MERGED_ARTICLES)
+    label = ("without-cudnn" if args.without_cudnn else "default") + ("-unmerged" if args.unmerged else "")
     passes = []
     for index in range(args.passes):
         backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if args.without_cudnn else contextlib.nullcontext()
         with backends:
-            result = generate.generate_summaries(model, tokenizer, articles, PROFILES["phi2"].generation)
+            result = generate.generate_summaries(model, tokenizer, articles, settings)
         passes.append({"pass": index + 1, "per_s": round(result.summaries_per_second, 2), "seconds": round(result.seconds, 2),
                        "batches": result.batch_sizes, "batch_seconds": [round(s, 3) for s in result.batch_seconds],
                        "nonempty_rate": result.success_rate})

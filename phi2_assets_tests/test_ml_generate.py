@@ -139,10 +139,10 @@ def test_quickest_batches_trade_padding_against_decoding_steps():
     order = sorted(range(len(lengths)), key=lengths.__getitem__)  # 10, 20, 30, 100, 500
     # when a decoding step's fixed cost dominates, as few batches as memory allows: caches round up to 64 slots,
     # three short prompts take 3 x 64 of 256; with the 100-token one each row needs 128
-    assert quickest_batches(lengths, order, 10, token_slots=256, prefill_cost=0, step_cost=1e9) == [[1, 3, 2], [0], [4]]
-    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=1e9) == [[1, 3, 2, 0, 4]]
+    assert quickest_batches(lengths, order, 10, token_slots=256, prefill_cost=0, step_cost=1e9, cache_cost=1) == [[1, 3, 2], [0], [4]]
+    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=1e9, cache_cost=1) == [[1, 3, 2, 0, 4]]
     # when padding costs more than a batch's decoding steps, the long prompt goes alone though memory would take all
-    assert quickest_batches([10, 10, 10, 10, 500], range(5), 10, token_slots=10_000, prefill_cost=1, step_cost=100) == [[0, 1, 2, 3], [4]]
+    assert quickest_batches([10, 10, 10, 10, 500], range(5), 10, token_slots=10_000, prefill_cost=1, step_cost=100, cache_cost=1) == [[0, 1, 2, 3], [4]]
     # without a per-step cost nothing is worth padding for
-    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=0) == [[1], [3], [2], [0], [4]]
-    assert quickest_batches([], [], 10, token_slots=256, prefill_cost=1, step_cost=1) == []
+    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=0, cache_cost=1) == [[1], [3], [2], [0], [4]]
+    assert quickest_batches([], [], 10, token_slots=256, prefill_cost=1, step_cost=1, cache_cost=1) == []

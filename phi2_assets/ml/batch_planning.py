@@ -1,12 +1,11 @@
 """Which prompts share a generate call: fixed batches, or on CUDA the split of length-sorted prompts that a model
 of generation time says is quickest, within free memory.
 
-The model counts what a batch of `rows` prompts padded to `width` tokens costs: prefill computes rows x width
-tokens (2 FLOPs per parameter each, compute-bound; nothing where prefill runs in chunks of similar length, as the
-static-cache path does, since then it computes each prompt's own tokens whatever the split), and each of up to
-`max_new_tokens` decoding steps pays a fixed cost (weights read, small kernels) plus rows x cache-length cached
-tokens read. Big batches pay the fixed cost fewer times; batches of similar length pad less, in every decoding
-step's cache. Costs are in units of one cached token read by one step.
+The model, in seconds: prefill computes rows x width padded tokens (2 FLOPs per parameter each; nothing to choose
+where prefill runs in chunks of similar length, as the static-cache path does, since then it computes each
+prompt's own tokens whatever the split), and each of up to `max_new_tokens` decoding steps pays a fixed cost
+(weights read and small kernels with CUDA graphs; the host's launches without) plus rows x cache length cached
+tokens read. Big batches pay the fixed cost fewer times; batches of similar length read less padding.
 """
 
 from __future__ import annotations
@@ -23,11 +22,13 @@ _MAX_AUTO_BATCH = 512
 _CPU_BATCH = 8
 # A static cache's length is rounded up to this, so batches of similar length share shapes (cuDNN plans per shape).
 STATIC_CACHE_ROUNDING = 64
-# Fitted on an H200 (docs/BENCHMARKS.md, "Generation"): prefill sustains about 100 FLOPs per byte that decoding's
-# cache reads move (12.4 us a token against 73 ns a cached token), and a CUDA-graphed decoding step's fixed cost is
-# about 5x reading the weights (6.1 ms: ~1,000 small kernels).
-_PREFILL_FLOPS_PER_CACHE_BYTE = 100
-_STEP_COST_OVER_WEIGHT_READ = 5.0
+# Fitted on an H200 (docs/BENCHMARKS.md, "Generation"): decoding reads the cache at ~4.5 TB/s (73 ns a Phi-2
+# token), prefill computes ~450 TFLOP/s (12.4 us a token), a CUDA-graphed step's fixed part is ~5 weight reads
+# (6.1 ms: ~1,000 small kernels), and an eager step is bound by the host's launches (21-31 ms).
+_CACHE_BYTES_PER_SECOND = 4.5e12
+_PREFILL_FLOPS_PER_SECOND = 450e12
+_GRAPHED_STEP_OVER_WEIGHT_READ = 5.0
+_EAGER_STEP_SECONDS = 0.025
 
 
 def cache_length(prompt_columns: int, max_new_tokens: int) -> int:
@@ -57,25 +58,27 @@ def generation_memory_budget(model: PreTrainedModel) -> int:
 
 
 def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, batch_size: int,
-                 num_beams: int, chunked_prefill: bool) -> list[list[int]]:
+                 num_beams: int, chunked_prefill: bool, graphed_steps: bool) -> list[list[int]]:
     """Prompt indices per generate call, in `order`: fixed batches of `batch_size` (0 = 8 on CPU), or on CUDA the
     quickest split under the cost model within free memory (`quickest_batches`)."""
     fixed = batch_size or (_CPU_BATCH if model.device.type != "cuda" else 0)
     if fixed:
         return [list(order[start:start + fixed]) for start in range(0, len(order), fixed)]
-    kv_bytes = kv_bytes_per_token(model)
+    weight_read = model.get_memory_footprint() / _CACHE_BYTES_PER_SECOND
     return quickest_batches(
         lengths, order, max_new_tokens,
         token_slots=generation_memory_budget(model) // bytes_per_token(model, num_beams),
-        prefill_cost=0.0 if chunked_prefill else 2 * model.num_parameters() / (_PREFILL_FLOPS_PER_CACHE_BYTE * kv_bytes),
-        step_cost=_STEP_COST_OVER_WEIGHT_READ * model.get_memory_footprint() / kv_bytes,
+        prefill_cost=0.0 if chunked_prefill else 2 * model.num_parameters() / _PREFILL_FLOPS_PER_SECOND,
+        step_cost=_GRAPHED_STEP_OVER_WEIGHT_READ * weight_read if graphed_steps else _EAGER_STEP_SECONDS,
+        cache_cost=kv_bytes_per_token(model) * num_beams / _CACHE_BYTES_PER_SECOND,
     )
 
 
-def quickest_batches(lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, token_slots: int, prefill_cost: float, step_cost: float) -> list[list[int]]:
+def quickest_batches(lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, token_slots: int, prefill_cost: float,
+                     step_cost: float, cache_cost: float) -> list[list[int]]:
     """Consecutive prompts of `order` per batch, split where the modelled time is least (dynamic programming over
-    split points): a batch of `rows` prompts whose longest has `width` tokens costs
-    `prefill_cost * rows * width + max_new_tokens * (step_cost + rows * cache_length(width))`, and its cache
+    split points): a batch of `rows` prompts whose longest has `width` tokens costs `prefill_cost * rows * width +
+    max_new_tokens * (step_cost + cache_cost * rows * cache_length(width))`, and its cache
     (rows x cache length) must fit `token_slots`. A prompt too long for the budget alone still gets a batch of one."""
     widths = np.asarray([lengths[index] for index in order], dtype=np.int64)
     best = np.full(len(widths) + 1, np.inf)
@@ -86,7 +89,7 @@ def quickest_batches(lengths: Sequence[int], order: Sequence[int], max_new_token
         widest = np.maximum.accumulate(widths[starts][::-1])[::-1]  # longest prompt of order[start:end]
         rows = end - starts
         caches = cache_length(widest, max_new_tokens)
-        costs = best[starts] + prefill_cost * rows * widest + max_new_tokens * (step_cost + rows * caches)
+        costs = best[starts] + prefill_cost * rows * widest + max_new_tokens * (step_cost + cache_cost * rows * caches)
         costs[(rows > 1) & (rows * caches > token_slots)] = np.inf
         cheapest = int(np.argmin(costs))
         best[end], start_of[end] = costs[cheapest], starts[cheapest]

@@ -210,8 +210,9 @@ def generate_summaries(
     prompts = encode_prompts(tokenizer, settings.template, articles, settings.max_prompt_tokens)
     lengths = [len(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lengths.__getitem__) if settings.sort_by_length else list(range(len(prompts)))
+    static = settings.cache == "static"
     batches = plan_batches(model, lengths, order, settings.max_new_tokens, settings.batch_size, settings.num_beams,
-                           chunked_prefill=settings.cache == "static")
+                           chunked_prefill=static, graphed_steps=static and settings.cuda_graph)
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
     records: list[GenerationRecord | None] = [None] * len(prompts)
