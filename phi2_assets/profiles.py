@@ -104,8 +104,9 @@ PROFILES: dict[str, Profile] = {
             eval_steps=50, save_steps=50,
         ),
         evaluation_set=EvaluationSetSettings(split="validation", samples=500),
-        # the adapter merged into bf16 weights, batches as large as free memory holds for their length, a static KV
-        # cache per batch: 62-71 summaries/s on an H200 against 10-12 for 4-bit + LoRA (docs/BENCHMARKS.md)
+        # the adapter merged into bf16 weights, batches from the cost model, a static KV cache per batch with chunked
+        # prefill and CUDA-graphed decoding steps: 71-74 summaries/s on an H200 on a process's first pass, 82-87 once
+        # cuDNN has planned its shapes (docs/BENCHMARKS.md)
         generation=GenerationSettings(
             max_new_tokens=60, num_beams=1, batch_size=0, max_prompt_tokens=1_066, cache="static", merged_bf16=True,
         ),
