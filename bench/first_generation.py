@@ -1,13 +1,11 @@
 """Generation as an evaluation asset's fresh process meets it: several passes over the same 500 articles on the
 phi-2-shaped merged bf16 model with the phi2 profile's settings, optionally without cuDNN attention (which plans
 each new shape on the host). The first pass pays every one-time cost; later passes show the steady state.
-`--unmerged` times the 4-bit model's path instead (`merged_bf16: false`: dynamic cache, 256 articles), with `--lora`
-through a fresh r16 LoRA on the six Phi modules (the cost of a trained one). `--row-ranges N` sets the decoding
-attention's row ranges (`ml/static_decoding.DECODE_ROW_RANGES`) for the experiment.
+`--unmerged` times the 4-bit model's path instead (`merged_bf16: false`: dynamic cache, 256 articles).
 
-    PYTHONPATH=/tmp/site:. python3 bench/first_generation.py [--without-cudnn] [--unmerged [--lora]] [--row-ranges N] [--passes 3]
+    PYTHONPATH=/tmp/site:. python3 bench/first_generation.py [--without-cudnn] [--unmerged] [--passes 3]
 
-Writes $OUT/h200-first-generation-<label>.json.
+Writes $OUT/h200-first-generation-{default,without-cudnn}[-unmerged].json.
 """
 
 from __future__ import annotations
@@ -21,8 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bench import gpu_benchmark as bench
 from bench.phi2_shape import save_phi2_shape, synthetic_articles
-from phi2_assets.ml import generate, models, static_decoding
-from phi2_assets.ml.train import target_modules_for
+from phi2_assets.ml import generate, models
 from phi2_assets.profiles import PROFILES
 
 
@@ -30,8 +27,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--without-cudnn", action="store_true")
     parser.add_argument("--unmerged", action="store_true")
-    parser.add_argument("--lora", action="store_true")
-    parser.add_argument("--row-ranges", type=int)
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
     bench.OUT.mkdir(parents=True, exist_ok=True)
@@ -39,23 +34,14 @@ def main() -> None:
     spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
     tokenizer = models.load_tokenizer(spec, model_dir)
     settings = PROFILES["phi2"].generation
-    if args.row_ranges:
-        static_decoding.DECODE_ROW_RANGES = args.row_ranges
     if args.unmerged:
         model = models.load_model(spec, model_dir, models.choose_precision(True))
-        if args.lora:
-            from peft import LoraConfig, get_peft_model
-
-            recipe = PROFILES["phi2"].train
-            model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                                                     target_modules=list(target_modules_for(model, recipe))))
         settings = dataclasses.replace(settings, merged_bf16=False, cache="dynamic")
         articles = synthetic_articles(bench.MERGED_ARTICLES)[: bench.UNMERGED_ARTICLES]
     else:
         model = generate.load_merged_bf16(spec, model_dir, None)
         articles = synthetic_articles(bench.MERGED_ARTICLES)
-    label = "-".join(["without-cudnn" if args.without_cudnn else "default"] + (["unmerged"] if args.unmerged else [])
-                     + (["lora"] if args.lora else []) + ([f"ranges{args.row_ranges}"] if args.row_ranges else []))
+    label = ("without-cudnn" if args.without_cudnn else "default") + ("-unmerged" if args.unmerged else "")
     passes = []
     for index in range(args.passes):
         backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if args.without_cudnn else contextlib.nullcontext()
@@ -65,7 +51,6 @@ def main() -> None:
                        "batches": result.batch_sizes, "batch_seconds": [round(s, 3) for s in result.batch_seconds],
                        "nonempty_rate": result.success_rate})
         print(f"[{label}] {json.dumps(passes[-1])}", flush=True)
-    print(f"[{label}] {json.dumps({'row_ranges': static_decoding.DECODE_ROW_RANGES, 'attention': model.config._attn_implementation})}")
     (bench.OUT / f"h200-first-generation-{label}.json").write_text(json.dumps({"sdpa": label, "passes": passes}, indent=1))
 
 

@@ -8,18 +8,15 @@ buffers updated in place. Recording costs one step of host time; nothing is comp
 
 Prefill runs in chunks of consecutive rows (sorted by length when they arrive sorted), each padded only to its own
 longest prompt, and its keys and values are copied into the batch's cache right-aligned: a batch may then mix
-prompt lengths widely without computing the padding. Decoding attention likewise runs per range of rows, each
-reading only the cache columns its longest prompt fills (docs/BENCHMARKS.md).
+prompt lengths widely without computing the padding (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from transformers import AttentionInterface, DynamicCache, PreTrainedModel, StaticCache
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import DynamicCache, PreTrainedModel, StaticCache
 
 # Eager steps before recording: the first decoding steps build cuDNN plans and cuBLAS workspaces, which must exist
 # before capture.
@@ -28,21 +25,6 @@ _WARM_UP_STEPS = 2
 _STOP_CHECK_EVERY = 8
 # Padded tokens per prefill forward: enough to keep an H200 busy, few enough that a chunk pads little.
 PREFILL_CHUNK_TOKENS = 16_384
-# Attention calls per decoding step, one per range of rows: fewer padded columns read, a few more launches.
-DECODE_ROW_RANGES = 4
-_ROW_RANGE_SDPA = "sdpa_row_ranges"
-
-
-def _row_range_sdpa(module, query, key, value, attention_mask, row_ranges=None, **kwargs):
-    """transformers' SDPA attention, run per (first row, end row, first column) range when decoding one token."""
-    if row_ranges is None or query.shape[2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    outputs = [sdpa_attention_forward(module, query[start:end], key[start:end, :, first:], value[start:end, :, first:],
-                                      attention_mask[start:end, ..., first:], **kwargs)[0] for start, end, first in row_ranges]
-    return torch.cat(outputs), None
-
-
-AttentionInterface.register(_ROW_RANGE_SDPA, _row_range_sdpa)
 
 
 def greedy_static(
@@ -53,17 +35,15 @@ def greedy_static(
     stop_ids: Sequence[int],
     cache_length: int,
     cuda_graph: bool,
-    prefill_chunk_tokens: int | None = None,
-    row_ranges: int | None = None,
+    prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
 ) -> torch.Tensor:
     """New token ids (rows x at most `max_new_tokens`) of greedy decoding of a left-padded batch: the tokens
     `model.generate(do_sample=False, min_new_tokens=1)` gives, up to each row's first stop token (a stopped row
-    keeps decoding until all have stopped; what follows its stop token means nothing). Chunk size and row ranges
-    default to the module's constants."""
+    keeps decoding until all have stopped; what follows its stop token means nothing)."""
     rows, columns = input_ids.shape
     cache = StaticCache(config=model.config, max_cache_len=cache_length)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first token
-    logits = _prefill(model, input_ids, attention_mask, positions, cache, prefill_chunk_tokens or PREFILL_CHUNK_TOKENS)
+    logits = _prefill(model, input_ids, attention_mask, positions, cache, prefill_chunk_tokens)
     stops = torch.tensor(list(stop_ids), device=input_ids.device)
     logits[:, stops] = torch.finfo(logits.dtype).min  # no summary may end before it starts
     next_ids = logits.argmax(-1)
@@ -74,44 +54,22 @@ def greedy_static(
     step_mask = torch.zeros(rows, 1, 1, cache_length, dtype=torch.bool, device=input_ids.device)
     step_mask[:, 0, 0, :columns] = attention_mask.bool()
 
-    ranges = _row_ranges(attention_mask.sum(-1).tolist(), columns, row_ranges or DECODE_ROW_RANGES)
-
     def step() -> torch.Tensor:
-        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, cache=cache, row_ranges=ranges).logits[:, -1]
+        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, cache=cache).logits[:, -1]
 
     run: Callable[[], torch.Tensor] = step
-    with _attention(model, _ROW_RANGE_SDPA if model.config._attn_implementation == "sdpa" else None):
-        for index in range(1, max_new_tokens):
-            step_mask[:, 0, 0, columns + index - 1] = True
-            if cuda_graph and input_ids.is_cuda and index == _WARM_UP_STEPS + 1:
-                run = _recorded(step)
-            next_ids = run().argmax(-1)
-            tokens.append(next_ids)
-            finished |= torch.isin(next_ids, stops)
-            if index % _STOP_CHECK_EVERY == 0 and bool(finished.all()):
-                break
-            step_ids.copy_(next_ids[:, None])
-            step_positions.add_(1)
+    for index in range(1, max_new_tokens):
+        step_mask[:, 0, 0, columns + index - 1] = True
+        if cuda_graph and input_ids.is_cuda and index == _WARM_UP_STEPS + 1:
+            run = _recorded(step)
+        next_ids = run().argmax(-1)
+        tokens.append(next_ids)
+        finished |= torch.isin(next_ids, stops)
+        if index % _STOP_CHECK_EVERY == 0 and bool(finished.all()):
+            break
+        step_ids.copy_(next_ids[:, None])
+        step_positions.add_(1)
     return torch.stack(tokens, dim=1)
-
-
-def _row_ranges(lengths: Sequence[int], columns: int, parts: int) -> tuple[tuple[int, int, int], ...]:
-    """`parts` ranges of consecutive rows, each with the first cache column any of its rows uses (left padding)."""
-    bounds = [round(part * len(lengths) / parts) for part in range(parts + 1)]
-    return tuple((start, end, columns - max(lengths[start:end])) for start, end in zip(bounds, bounds[1:]) if end > start)
-
-
-@contextlib.contextmanager
-def _attention(model: PreTrainedModel, implementation: str | None) -> Iterator[None]:
-    """The model's attention set to `implementation` (None: left as it is) while decoding, then restored."""
-    previous = model.config._attn_implementation
-    if implementation:
-        model.set_attn_implementation(implementation)
-    try:
-        yield
-    finally:
-        if implementation:
-            model.set_attn_implementation(previous)
 
 
 def _prefill(model, input_ids, attention_mask, positions, cache: StaticCache, chunk_tokens: int) -> torch.Tensor:
