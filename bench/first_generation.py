@@ -1,11 +1,12 @@
 """Generation as an evaluation asset's fresh process meets it: several passes over the same 500 articles on the
 phi-2-shaped merged bf16 model with the phi2 profile's settings, optionally without cuDNN attention (which plans
 each new shape on the host). The first pass pays every one-time cost; later passes show the steady state.
-`--unmerged` times the 4-bit model's path instead (`merged_bf16: false`: dynamic cache, 256 articles).
+`--unmerged` times the 4-bit model's path instead (`merged_bf16: false`: dynamic cache, 256 articles), with `--lora`
+through a fresh LoRA of the phi2 recipe's shape (the cost of a trained one).
 
-    PYTHONPATH=/tmp/site:. python3 bench/first_generation.py [--without-cudnn] [--unmerged] [--passes 3]
+    PYTHONPATH=/tmp/site:. python3 bench/first_generation.py [--without-cudnn] [--unmerged [--lora]] [--passes 3]
 
-Writes $OUT/h200-first-generation-{default,without-cudnn}[-unmerged].json.
+Writes $OUT/h200-first-generation-<label>.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from bench import gpu_benchmark as bench
 from bench.phi2_shape import save_phi2_shape, synthetic_articles
 from phi2_assets.ml import generate, models
+from phi2_assets.ml.train import target_modules_for
 from phi2_assets.profiles import PROFILES
 
 
@@ -27,6 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--without-cudnn", action="store_true")
     parser.add_argument("--unmerged", action="store_true")
+    parser.add_argument("--lora", action="store_true")
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
     bench.OUT.mkdir(parents=True, exist_ok=True)
@@ -36,12 +39,19 @@ def main() -> None:
     settings = PROFILES["phi2"].generation
     if args.unmerged:
         model = models.load_model(spec, model_dir, models.choose_precision(True))
+        if args.lora:
+            from peft import LoraConfig, get_peft_model
+
+            recipe = PROFILES["phi2"].train
+            model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
+                                                     target_modules=list(target_modules_for(model, recipe))))
         settings = dataclasses.replace(settings, merged_bf16=False, cache="dynamic")
         articles = synthetic_articles(bench.MERGED_ARTICLES)[: bench.UNMERGED_ARTICLES]
     else:
         model = generate.load_merged_bf16(spec, model_dir, None)
         articles = synthetic_articles(bench.MERGED_ARTICLES)
-    label = ("without-cudnn" if args.without_cudnn else "default") + ("-unmerged" if args.unmerged else "")
+    label = "-".join(["without-cudnn" if args.without_cudnn else "default"] + (["unmerged"] if args.unmerged else [])
+                     + (["lora"] if args.lora else []))
     passes = []
     for index in range(args.passes):
         backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if args.without_cudnn else contextlib.nullcontext()
