@@ -13,11 +13,13 @@ prompt lengths widely without computing the padding (docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
+log = logging.getLogger(__name__)
 # Eager steps before recording: the first decoding steps build cuDNN plans and cuBLAS workspaces, which must exist
 # before capture.
 _WARM_UP_STEPS = 2
@@ -61,7 +63,10 @@ def greedy_static(
     for index in range(1, max_new_tokens):
         step_mask[:, 0, 0, columns + index - 1] = True
         if cuda_graph and input_ids.is_cuda and index == _WARM_UP_STEPS + 1:
-            run = _recorded(step)
+            try:
+                run = _recorded(step)
+            except RuntimeError as error:  # e.g. a kernel that syncs with the host; recording ran nothing, so go on eagerly
+                log.warning("decoding step not recordable as a CUDA graph (%s); this batch decodes eagerly", error)
         next_ids = run().argmax(-1)
         tokens.append(next_ids)
         finished |= torch.isin(next_ids, stops)
