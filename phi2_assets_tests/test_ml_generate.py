@@ -4,11 +4,10 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import GenerationConfig
 
 from phi2_assets.ml import models, sources
 from phi2_assets.ml.batch_planning import cache_length, quickest_batches
-from phi2_assets.ml.generate import GenerationSettings, generate_summaries, load_merged_bf16, stop_token_ids
+from phi2_assets.ml.generate import GenerationSettings, _generation_config, generate_summaries, load_merged_bf16, stop_token_ids
 from phi2_assets.ml.models import adapted
 from phi2_assets.ml.static_decoding import greedy_static
 from phi2_assets.ml.tokenization import encode_prompts
@@ -113,14 +112,10 @@ def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives_how
     _, _, model, tokenizer, articles = tiny
     model.eval()
     stops = stop_token_ids(tokenizer, model)
-    tokenizer.padding_side = "left"
-    try:
-        # prompts of 178 to 500 tokens: chunks pad to different widths
-        prompts = sorted(encode_prompts(tokenizer, "seed", articles, 500), key=len)
-        padded = tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
-    finally:
-        tokenizer.padding_side = "right"
-    config = GenerationConfig(max_new_tokens=12, min_new_tokens=1, do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    # prompts of 178 to 500 tokens: chunks pad to different widths
+    prompts = sorted(encode_prompts(tokenizer, "seed", articles, 500), key=len)
+    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+    config = _generation_config(SETTINGS, stops, tokenizer.pad_token_id)  # greedy, 12 new tokens, at least 1
     columns = padded["input_ids"].shape[1]
     with torch.inference_mode():
         reference = model.generate(**padded, generation_config=config)[:, columns:].tolist()

@@ -161,7 +161,8 @@ def _first_line(text: str) -> str:
 
 
 def _generate_batch(model, tokenizer, prompts: list[list[int]], config: GenerationConfig, stop_ids: list[int], settings: GenerationSettings) -> list[GenerationRecord]:
-    padded = tokenizer.pad({"input_ids": prompts}, padding=True, return_tensors="pt").to(model.device)
+    # left padding for batched decoding: every prompt ends where generation starts
+    padded = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt").to(model.device)
     columns = padded["input_ids"].shape[1]
     if settings.cache == "static":
         new_tokens = greedy_static(model, padded["input_ids"], padded["attention_mask"], config.max_new_tokens, stop_ids,
@@ -216,8 +217,7 @@ def generate_summaries(
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
     records: list[GenerationRecord | None] = [None] * len(prompts)
-    padding_side, was_training = tokenizer.padding_side, model.training
-    tokenizer.padding_side = "left"  # batched decoding: every prompt ends where generation starts
+    was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
@@ -232,7 +232,6 @@ def generate_summaries(
                 if on_progress:
                     on_progress(done, len(order))
     finally:
-        tokenizer.padding_side = padding_side
         model.train(was_training)
     return GenerationResult(records=list(records), seconds=time.perf_counter() - started, batch_sizes=[len(b) for b in batches],
                             batch_seconds=batch_seconds)
