@@ -12,14 +12,10 @@ Writes $OUT/h200-first-generation-<label>.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import json
 
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from bench import gpu_benchmark as bench
-from bench.phi2_shape import save_phi2_shape, synthetic_articles
+from bench.phi2_shape import synthetic_articles
 from phi2_assets.ml import generate, models
 from phi2_assets.ml.train import target_modules_for
 from phi2_assets.profiles import PROFILES
@@ -32,11 +28,8 @@ def main() -> None:
     parser.add_argument("--lora", action="store_true")
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
-    bench.OUT.mkdir(parents=True, exist_ok=True)
-    model_dir = str(save_phi2_shape(bench.WORK / "phi2-shape"))
-    spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
-    tokenizer = models.load_tokenizer(spec, model_dir)
-    settings = PROFILES["phi2"].generation
+    spec, model_dir, tokenizer = bench.phi2_shape_checkpoint()
+    settings, articles = PROFILES["phi2"].generation, synthetic_articles(bench.MERGED_ARTICLES)
     if args.unmerged:
         model = models.load_model(spec, model_dir, models.choose_precision(True))
         if args.lora:
@@ -45,17 +38,14 @@ def main() -> None:
             recipe = PROFILES["phi2"].train
             model = get_peft_model(model, LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                                                      target_modules=list(target_modules_for(model, recipe))))
-        settings = dataclasses.replace(settings, merged_bf16=False, cache="dynamic")
-        articles = synthetic_articles(bench.MERGED_ARTICLES)[: bench.UNMERGED_ARTICLES]
+        settings, articles = bench.UNMERGED_GENERATION, articles[: bench.UNMERGED_ARTICLES]
     else:
         model = generate.load_merged_bf16(spec, model_dir, None)
-        articles = synthetic_articles(bench.MERGED_ARTICLES)
     label = "-".join(["without-cudnn" if args.without_cudnn else "default"] + (["unmerged"] if args.unmerged else [])
                      + (["lora"] if args.lora else []))
     passes = []
     for index in range(args.passes):
-        backends = sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]) if args.without_cudnn else contextlib.nullcontext()
-        with backends:
+        with bench.sdpa_backends(bench.WITHOUT_CUDNN if args.without_cudnn else None):
             result = generate.generate_summaries(model, tokenizer, articles, settings)
         passes.append({"pass": index + 1, "per_s": round(result.summaries_per_second, 2), "seconds": round(result.seconds, 2),
                        "batches": result.batch_sizes, "batch_seconds": [round(s, 3) for s in result.batch_seconds],

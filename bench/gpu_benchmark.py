@@ -64,6 +64,10 @@ RECIPES: dict[str, TrainSettings] = {
     # one packed row per step: SDPA gets a dense block-diagonal mask over the whole row (slower: docs/BENCHMARKS.md)
     "padding_free": dataclasses.replace(BEST, padding_free=True, group_by_length=False),
 }
+# the 4-bit + LoRA path's generation: the profile's settings on the unmerged model (transformers' generate)
+UNMERGED_GENERATION = dataclasses.replace(PROFILES["phi2"].generation, merged_bf16=False, cache="dynamic")
+# SDPA kernels other than cuDNN's (which plans each new shape on the host), for trials
+WITHOUT_CUDNN = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 # the phi2 profile's generation path, whose run gives gen_batched_per_s
 PROFILE_GENERATION_PATH = "merged_bf16_static"
 assert PROFILES["phi2"].generation.merged_bf16 and PROFILES["phi2"].generation.cache == "static", "PROFILE_GENERATION_PATH names another path"
@@ -121,12 +125,29 @@ class Inputs:
     flops_per_token: float
 
 
-def load_inputs() -> Inputs:
+def phi2_shape_checkpoint() -> tuple[models.ModelSpec, str, PreTrainedTokenizerBase]:
+    """The phi-2-shaped checkpoint saved once under WORK, its 4-bit spec and its tokenizer."""
     OUT.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     model_dir = str(save_phi2_shape(WORK / "phi2-shape"))
     spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
-    tokenizer = models.load_tokenizer(spec, model_dir)
+    return spec, model_dir, models.load_tokenizer(spec, model_dir)
+
+
+@contextlib.contextmanager
+def sdpa_backends(names: tuple[str, ...] | None):
+    """SDPA restricted to these kernels; None leaves PyTorch's choice (cuDNN first on Hopper)."""
+    if names is None:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([getattr(SDPBackend, name) for name in names]):
+        yield
+
+
+def load_inputs() -> Inputs:
+    spec, model_dir, tokenizer = phi2_shape_checkpoint()
     model = models.load_model(spec, model_dir, models.choose_precision(True))
     rows = synthetic_tokenized_xsum(STEPS * EFFECTIVE_BATCH + 32)
     train, evaluation = rows.select(range(STEPS * EFFECTIVE_BATCH)), rows.select(range(STEPS * EFFECTIVE_BATCH, len(rows)))
@@ -354,8 +375,8 @@ def main() -> None:
         return
     adapter = WORK / "adapter-best"
     articles = synthetic_articles(MERGED_ARTICLES)
-    profile_settings = PROFILES["phi2"].generation  # greedy, 60 new tokens, batch from free memory
-    unmerged = dataclasses.replace(profile_settings, merged_bf16=False, cache="dynamic")
+    profile_settings = PROFILES["phi2"].generation  # greedy, 60 new tokens, batches planned within free memory
+    unmerged = UNMERGED_GENERATION
     outputs: dict[str, list] = {}
     probes = teacher_forcing_probes(tokenizer, articles, profile_settings)
     reference: dict = {}
@@ -397,7 +418,7 @@ def main() -> None:
             details["summaries_vs_4bit"]["sequential"] = agreement(outputs["sequential"], first[:SEQUENTIAL_ARTICLES])
     if PROFILE_GENERATION_PATH in outputs:  # a CUDA graph replays the eager step's kernels: summaries must be identical
         details["summaries_vs_profile_path"] = {name: agreement(outputs[PROFILE_GENERATION_PATH], outputs[name])
-                                                for name in ("merged_bf16_static_again", "merged_bf16_eager_steps", "merged_bf16_two_batches") if name in outputs}
+                                                for name in GENERATION_VARIANTS if name in outputs}
     print_tables(write_figures())
 
 

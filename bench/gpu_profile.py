@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import json
 import time
@@ -37,10 +36,9 @@ KINDS = (  # kernel name fragments, first match wins
     ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "sm90_", "splitk")),
     ("optimizer", ("optimizer", "adam")),  # bitsandbytes' 8-bit AdamW kernels
 )
-WITHOUT_CUDNN = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 TRIALS = {  # name: (settings, attention implementation, SDPA kernels or None for PyTorch's choice)
     "best": (bench.RECIPES["best"], "sdpa", None),
-    "best_without_cudnn": (bench.RECIPES["best"], "sdpa", WITHOUT_CUDNN),
+    "best_without_cudnn": (bench.RECIPES["best"], "sdpa", bench.WITHOUT_CUDNN),
     "best_dynamic_padding": (bench.RECIPES["dynamic_padding"], "sdpa", None),
     "no_lora_dropout": (dataclasses.replace(bench.RECIPES["best"], lora_dropout=0.0), "sdpa", None),
     "flex_padding_free": (bench.RECIPES["padding_free"], "flex_attention", None),
@@ -117,23 +115,11 @@ def profile_training(model, tokenizer, train, evaluation) -> None:
         SFTTrainer.training_step = original
 
 
-@contextlib.contextmanager
-def sdpa_backends(names: tuple[str, ...] | None):
-    """SDPA restricted to these kernels for a trial; None leaves PyTorch's choice (cuDNN first on Hopper)."""
-    if names is None:
-        yield
-        return
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([getattr(SDPBackend, name) for name in names]):
-        yield
-
-
 def trial(name: str, model, tokenizer, train, evaluation, flops_per_token: float) -> None:
     settings, attention, backends = TRIALS[name]
     model.set_attn_implementation(attention)
     try:
-        with sdpa_backends(backends):
+        with bench.sdpa_backends(backends):
             result = bench.train_recipe(name, settings, model, tokenizer, train, evaluation, flops_per_token)
     finally:
         model.set_attn_implementation("sdpa")
@@ -164,7 +150,7 @@ def generation_trials(merged, tokenizer, articles: list[str], rounds: int = 2) -
     generate.generate_summaries(merged, tokenizer, articles[:8], settings)
     for label in ("pytorch_choice", "without_cudnn") * rounds:
         def run(label=label):
-            with sdpa_backends(WITHOUT_CUDNN if label == "without_cudnn" else None):
+            with bench.sdpa_backends(bench.WITHOUT_CUDNN if label == "without_cudnn" else None):
                 result = generate.generate_summaries(merged, tokenizer, articles, settings)
             entry = {"sdpa": label, "per_s": round(result.summaries_per_second, 1), "seconds": round(result.seconds, 2),
                      "batches": result.batch_sizes, "nonempty": result.success_rate}
@@ -193,6 +179,8 @@ def main() -> None:
     for name in args.trials:
         bench.phase(f"trial {name}", 240, lambda: trial(name, model, tokenizer, train, evaluation, flops_per_token))
 
+    if args.skip_generation_profile and not args.generation_trials:
+        return
     adapter = bench.WORK / "adapter-profiled"
     del model
     bench.free_memory()
