@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch.nn.attention import SDPBackend
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from phi2_assets.ml import sources
@@ -30,6 +31,11 @@ MODEL_SOURCES = ("hub", "local", "gguf", "tiny")
 GGUF_MODEL_DIR = "gemma-3-270m"
 TINY_MODEL_DIR = "tiny-phi"
 TINY_END_OF_TEXT = "<|endoftext|>"
+# SDPA kernels for unmasked causal attention (training on right-padded batches, chunked prefill): cuDNN left out so
+# that flash runs, which computes half the scores and plans nothing per shape (cuDNN plans each new shape on the
+# host). A restriction, not an order: `sdpa_kernel(set_priority=True)` leaves its order in force after the block,
+# which sent masked decoding to the slower memory-efficient kernel (docs/BENCHMARKS.md).
+CAUSAL_SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,8 +7,10 @@ A CUDA graph replays one recorded step with a single launch. Recording needs fix
 buffers updated in place. Recording costs one step of host time; nothing is compiled.
 
 Prefill runs in chunks of consecutive rows (sorted by length when they arrive sorted), each padded only to its own
-longest prompt, and its keys and values are copied into the batch's cache right-aligned: a batch may then mix
-prompt lengths widely without computing the padding (docs/BENCHMARKS.md).
+longest prompt: a batch may then mix prompt lengths widely without computing the padding. A chunk runs left-aligned,
+padded on the right, so plain causal attention needs no padding mask and SDPA takes the flash kernel, which skips
+the masked half of the scores and plans nothing per shape (cuDNN plans each new shape on the host). Each layer
+writes its keys and values straight into the batch's cache, right-aligned as decoding needs them (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache, PreTrainedModel, StaticCache
+
+from phi2_assets.ml.models import CAUSAL_SDPA_KERNELS
 
 log = logging.getLogger(__name__)
 # Eager steps before recording: the first decoding steps build cuDNN plans and cuBLAS workspaces, which must exist
@@ -44,14 +49,14 @@ def greedy_static(
     keeps decoding until all have stopped; what follows its stop token means nothing)."""
     rows, columns = input_ids.shape
     cache = StaticCache(config=model.config, max_cache_len=cache_length)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left padding: each row counts from its first token
-    logits = _prefill(model, input_ids, attention_mask, positions, cache, prefill_chunk_tokens)
+    lengths = attention_mask.sum(-1)
+    logits = _prefill(model, input_ids, lengths, cache, prefill_chunk_tokens)
     stops = torch.tensor(list(stop_ids), device=input_ids.device)
     logits[:, stops] = torch.finfo(logits.dtype).min  # no summary may end before it starts
     next_ids = logits.argmax(-1)
     tokens, finished = [next_ids], torch.isin(next_ids, stops)
 
-    step_ids, step_positions = next_ids[:, None].clone(), positions[:, -1:] + 1
+    step_ids, step_positions = next_ids[:, None].clone(), lengths[:, None].clone()  # a row's first new token follows its prompt
     # a prepared 4D mask reaches attention as it is: the prompt's padding, then each new column as it is written
     step_mask = torch.zeros(rows, 1, 1, cache_length, dtype=torch.bool, device=input_ids.device)
     step_mask[:, 0, 0, :columns] = attention_mask.bool()
@@ -77,27 +82,46 @@ def greedy_static(
     return torch.stack(tokens, dim=1)
 
 
-def _prefill(model, input_ids, attention_mask, positions, cache: StaticCache, chunk_tokens: int) -> torch.Tensor:
-    """Last-position logits of every row, and `cache` holding the prompts' keys and values in columns
-    [0, prompt columns): each chunk of rows computes only its own last `width` columns, into a transient cache."""
+def _prefill(model, input_ids, lengths: torch.Tensor, cache: StaticCache, chunk_tokens: int) -> torch.Tensor:
+    """Last-position logits of every row, and `cache` holding the prompts' keys and values right-aligned in columns
+    [0, prompt columns). Each chunk of rows runs its prompts left-aligned, padded on the right with copies of each
+    row's last token, which causal attention keeps out of every real position."""
     rows, columns = input_ids.shape
-    lengths = attention_mask.sum(-1).tolist()
     logits = []
-    for start, end in _row_chunks(lengths, chunk_tokens):
-        width = max(lengths[start:end])
-        part = DynamicCache(config=model.config)
-        window = slice(columns - width, columns)
-        logits.append(model(input_ids=input_ids[start:end, window], attention_mask=attention_mask[start:end, window],
-                            position_ids=positions[start:end, window], cache=part, logits_to_keep=1).logits[:, -1])
-        if not start:
-            keys = part.layers[0].keys
-            cache.early_initialization(rows, keys.shape[1], keys.shape[-1], keys.dtype, keys.device)
-        for layer, chunk in zip(cache.layers, part.layers):
-            layer.keys[start:end, :, window] = chunk.keys
-            layer.values[start:end, :, window] = chunk.values
+    row_lengths = lengths.tolist()
+    for start, end in _row_chunks(row_lengths, chunk_tokens):
+        chunk_lengths = lengths[start:end, None]
+        width = max(row_lengths[start:end])
+        offsets = torch.arange(width, device=input_ids.device)
+        left_aligned = input_ids[start:end].gather(1, (columns - chunk_lengths + offsets).clamp(max=columns - 1))
+        # cache column `columns - width + j` takes the row's prompt position j - (width - length); earlier ones are padding
+        source = (offsets - (width - chunk_lengths)).clamp(min=0)[:, None, :, None]
+        writer = _RightAligningWriter(model.config, cache, rows, slice(start, end), slice(columns - width, columns), source)
+        with sdpa_kernel(CAUSAL_SDPA_KERNELS):  # decoding, with its mask, keeps PyTorch's choice (cuDNN on Hopper)
+            out = model(input_ids=left_aligned, position_ids=offsets.expand(end - start, -1), cache=writer,
+                        logits_to_keep=chunk_lengths - 1)
+        logits.append(out.logits[:, -1])
     for layer in cache.layers:
         layer.cumulative_length.fill_(columns)  # decoding writes its first token after the prompt columns
     return torch.cat(logits)
+
+
+class _RightAligningWriter(DynamicCache):
+    """The cache a prefill chunk runs with: each layer's keys and values go straight into the batch's static cache,
+    right-aligned, and nothing is kept (the chunk attends only to itself, so its layers report an empty past)."""
+
+    def __init__(self, config, target: StaticCache, batch_rows: int, rows: slice, window: slice, source: torch.Tensor):
+        super().__init__(config=config)
+        self.target, self.batch_rows, self.rows, self.window, self.source = target, batch_rows, rows, window, source
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        if not self.target.layers[layer_idx].is_initialized:
+            self.target.early_initialization(self.batch_rows, key_states.shape[1], key_states.shape[-1], key_states.dtype,
+                                             key_states.device)
+        layer, index = self.target.layers[layer_idx], self.source.expand_as(key_states)
+        torch.gather(key_states, 2, index, out=layer.keys[self.rows, :, self.window])
+        torch.gather(value_states, 2, index, out=layer.values[self.rows, :, self.window])
+        return key_states, value_states
 
 
 def _row_chunks(lengths: Sequence[int], chunk_tokens: int) -> list[tuple[int, int]]:
