@@ -89,6 +89,22 @@ def test_padding_to_a_multiple_changes_nothing_learned(tiny, tmp_path):
     assert padded.tokens_seen == longest.tokens_seen
 
 
+def test_training_without_the_padding_mask_learns_what_the_masked_model_learns(tiny, tmp_path):
+    """On SDPA, training drops the padding part of the attention mask (TRL pads on the right; no real token of a causal
+    model sees a later position): losses equal those of the eager model under its full padding mask."""
+    model, tokenizer, train, validation = tiny
+    settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
+    model.set_attn_implementation("eager")
+    try:
+        masked = train_lora(model, tokenizer, train, validation, settings, tmp_path / "eager", tmp_path / "checkpoints")
+    finally:
+        model.set_attn_implementation("sdpa")
+    unmasked = train_lora(model, tokenizer, train, validation, settings, tmp_path / "sdpa", tmp_path / "checkpoints")
+    assert unmasked.train_losses == pytest.approx(masked.train_losses, rel=1e-4)
+    assert unmasked.eval_loss == pytest.approx(masked.eval_loss, rel=1e-4)
+    assert model.config._attn_implementation == "sdpa", "the model comes back on plain SDPA"
+
+
 def test_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
     model, tokenizer, train, validation = tiny
     settings = dataclasses.replace(FAST, max_steps=4, save_steps=2)

@@ -23,6 +23,7 @@ import datasets
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
+from torch.nn.attention import sdpa_kernel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
@@ -43,6 +44,8 @@ TARGET_MODULES_BY_ARCHITECTURE: dict[str, tuple[str, ...]] = {
 CPU_OPTIMIZER = "adamw_torch"
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# SDPA under a mask that leaves out the padding: see `_attention_without_padding_mask`.
+RIGHT_PADDED_SDPA = "sdpa_right_padded"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,6 +234,35 @@ def _supervised_positions_only_on_cpu() -> Iterator[None]:
         trl_utils._use_triton = triton_only
 
 
+@contextlib.contextmanager
+def _attention_without_padding_mask(model: PreTrainedModel) -> Iterator[None]:
+    """While training, a model on SDPA attends under its causal (and any sliding-window) mask without the padding.
+
+    TRL's collator pads on the right, and in a causal model no real token attends to a later position, so the padding
+    part of the mask changes nothing a labelled position computes (pads carry no label). Without it SDPA runs plain
+    causal attention in the flash kernel: half the scores of a masked kernel, and no per-shape plan on the host, which
+    cuDNN's masked kernel builds for every new batch shape (docs/BENCHMARKS.md).
+    """
+    if model.config._attn_implementation != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def sdpa_mask_without_padding(*args, attention_mask=None, **kwargs):
+        return sdpa_mask(*args, attention_mask=None, **kwargs)
+
+    AttentionInterface.register(RIGHT_PADDED_SDPA, sdpa_attention_forward)
+    AttentionMaskInterface.register(RIGHT_PADDED_SDPA, sdpa_mask_without_padding)
+    model.set_attn_implementation(RIGHT_PADDED_SDPA)
+    try:
+        with sdpa_kernel(models.CAUSAL_SDPA_KERNELS):
+            yield
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
 def _sft_config(settings: TrainSettings, checkpoint_dir: Path, device: str, optimizer: str, compute_bf16: bool) -> SFTConfig:
     return SFTConfig(
         output_dir=str(checkpoint_dir),
@@ -321,7 +353,7 @@ def train_lora(
             processing_class=tokenizer, callbacks=[progress],
         )
         trainer.remove_callback(PrinterCallback)  # it prints every log dict; ProgressCallback says it in one line
-        with _supervised_positions_only_on_cpu():
+        with _supervised_positions_only_on_cpu(), _attention_without_padding_mask(model):
             base_eval_loss = trainer.evaluate()["eval_loss"]  # LoRA B starts at zero: this is the base model
             say(f"base model eval loss {base_eval_loss:.4f}")
             if last_checkpoint:
