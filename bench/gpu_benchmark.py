@@ -296,9 +296,9 @@ def split_batches(model, tokenizer, articles: list[str], settings) -> None:
         start += rows
         once = dataclasses.replace(settings, max_new_tokens=1, batch_size=rows)
         prefill = generate.generate_summaries(model, tokenizer, [articles[i] for i in chosen], once).batch_seconds[0]
-        width = max(len(prompts[i]) for i in chosen)
+        width, prompt_tokens = max(len(prompts[i]) for i in chosen), sum(len(prompts[i]) for i in chosen)
         entry = {"rows": rows, "width": width, "cache": cache_length(width, settings.max_new_tokens), "prefill_s": round(prefill, 3),
-                 "prefill_padded_tok_s": round(rows * width / prefill)}
+                 "prefill_padded_tok_s": round(rows * width / prefill), "prefill_prompt_tok_s": round(prompt_tokens / prefill)}
         for name, label in (("merged_bf16_static_again", "graph"), ("merged_bf16_eager_steps", "eager")):
             if name in generation:
                 entry[f"{label}_ms_per_step"] = round((generation[name]["batch_seconds"][position] - prefill) / steps * 1e3, 2)

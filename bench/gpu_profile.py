@@ -6,7 +6,7 @@ Per part: wall time against summed GPU kernel time (how far the GPU is kept busy
 attention, NF4 dequantisation, the rest), and the top kernels. Optional trials time recipe variants side by side.
 
     PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--trials best best_without_cudnn ...] [--generation-trials]
-        [--skip-generation-profile]
+        [--skip-generation-profile] [--generation-only]
 
 Writes $OUT/h200-profile.json after every part.
 """
@@ -164,6 +164,7 @@ def main() -> None:
     parser.add_argument("--trials", nargs="*", default=[], choices=list(TRIALS), help="recipe variants to time after the profile (repeat names to alternate)")
     parser.add_argument("--generation-trials", action="store_true", help="time 500 summaries with PyTorch's attention kernel and without cuDNN")
     parser.add_argument("--skip-generation-profile", action="store_true")
+    parser.add_argument("--generation-only", action="store_true", help="profile generation alone, on the merged model without an adapter")
     args = parser.parse_args()
     inputs = bench.load_inputs()
     spec, model_dir, tokenizer, model = inputs.spec, inputs.model_dir, inputs.tokenizer, inputs.model
@@ -175,7 +176,8 @@ def main() -> None:
         (bench.OUT / "h200-profile.json").write_text(json.dumps(report, indent=1))
 
     bench.after_phase = save
-    bench.phase("profile training", 240, lambda: profile_training(model, tokenizer, train, evaluation))
+    if not args.generation_only:
+        bench.phase("profile training", 240, lambda: profile_training(model, tokenizer, train, evaluation))
     for name in args.trials:
         bench.phase(f"trial {name}", 240, lambda: trial(name, model, tokenizer, train, evaluation, flops_per_token))
 
