@@ -141,3 +141,18 @@ def test_quickest_batches_trade_padding_against_decoding_steps():
     # without a per-step cost nothing is worth padding for
     assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=0, cache_cost=1) == [[1], [3], [2], [0], [4]]
     assert quickest_batches([], [], 10, token_slots=256, prefill_cost=1, step_cost=1, cache_cost=1) == []
+
+
+def test_loaded_phi_rotates_through_the_fused_attention_and_computes_what_transformers_phi_does(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from phi2_assets.ml.rotary import FusedRotaryPhiAttention
+
+    _, model_dir, model, tokenizer, articles = tiny
+    stock = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model.dtype, attn_implementation="sdpa").eval()
+    models.fuse_tanh_gelu(stock)  # the loader's other swap, so that only the attention class differs
+    assert all(type(layer.self_attn) is FusedRotaryPhiAttention for layer in model.model.layers)
+    assert not any(isinstance(module, FusedRotaryPhiAttention) for module in stock.modules())
+    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, stock(**batch).logits)

@@ -20,7 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from phi2_assets.ml import sources
+from phi2_assets.ml import rotary, sources
 from phi2_assets.ml.atomic import atomic_path
 
 if TYPE_CHECKING:
@@ -133,6 +133,7 @@ def load_model(spec: ModelSpec, model_dir: str, precision: Precision) -> PreTrai
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.generation_config.eos_token_id
     fuse_tanh_gelu(model)
+    rotary.fuse_rotary(model)
     return model
 
 
