@@ -59,21 +59,21 @@ RECIPES: dict[str, TrainSettings] = {
     "best": BEST,
     # the phi2 profile's recipe with activation checkpointing, under a 16 GB card's memory limit
     "lean": dataclasses.replace(BEST, gradient_checkpointing=True),
-    # the phi2 recipe padded to each batch's longest row: nearly every step is a shape cuDNN attention has not planned
+    # the phi2 recipe padded to each batch's longest row: nearly every step a new shape
     "dynamic_padding": dataclasses.replace(BEST, pad_to_multiple_of=None),
     # one packed row per step: SDPA gets a dense block-diagonal mask over the whole row (slower: docs/BENCHMARKS.md)
     "padding_free": dataclasses.replace(BEST, padding_free=True, group_by_length=False),
 }
 # the 4-bit + LoRA path's generation: the profile's settings on the unmerged model (transformers' generate)
 UNMERGED_GENERATION = dataclasses.replace(PROFILES["phi2"].generation, merged_bf16=False, cache="dynamic")
-# SDPA kernels other than cuDNN's (which plans each new shape on the host), for trials
+# SDPA kernels other than cuDNN's (which plans each new shape on the host), for generation trials
 WITHOUT_CUDNN = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 # the phi2 profile's generation path, whose run gives gen_batched_per_s
 PROFILE_GENERATION_PATH = "merged_bf16_static"
 assert PROFILES["phi2"].generation.merged_bf16 and PROFILES["phi2"].generation.cache == "static", "PROFILE_GENERATION_PATH names another path"
 # the profile's generation against the same with one change each, on the merged model
 GENERATION_VARIANTS = {
-    "merged_bf16_static_again": {},  # the same again: the first pass pays cuDNN's per-shape plans, as a fresh asset run does
+    "merged_bf16_static_again": {},  # the same again: the first pass pays one-time costs, as a fresh asset run does
     "merged_bf16_eager_steps": {"cuda_graph": False},  # every decoding step launched from Python
     "merged_bf16_two_batches": {"batch_size": 250},  # near the memory-filling split of earlier runs (358 + 142)
 }

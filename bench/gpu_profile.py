@@ -5,7 +5,7 @@ The same model and data as bench/gpu_benchmark.py (phi-2-shaped random weights i
 Per part: wall time against summed GPU kernel time (how far the GPU is kept busy), kernel time by kind (matmul,
 attention, NF4 dequantisation, the rest), and the top kernels. Optional trials time recipe variants side by side.
 
-    PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--trials best best_without_cudnn ...] [--generation-trials]
+    PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--trials best flex_padding_free ...] [--generation-trials]
         [--skip-generation-profile] [--generation-only]
 
 Writes $OUT/h200-profile.json after every part.
@@ -38,7 +38,6 @@ KINDS = (  # kernel name fragments, first match wins
 )
 TRIALS = {  # name: (settings, attention implementation, SDPA kernels or None for PyTorch's choice)
     "best": (bench.RECIPES["best"], "sdpa", None),
-    "best_without_cudnn": (bench.RECIPES["best"], "sdpa", bench.WITHOUT_CUDNN),
     "best_dynamic_padding": (bench.RECIPES["dynamic_padding"], "sdpa", None),
     "no_lora_dropout": (dataclasses.replace(bench.RECIPES["best"], lora_dropout=0.0), "sdpa", None),
     "flex_padding_free": (bench.RECIPES["padding_free"], "flex_attention", None),

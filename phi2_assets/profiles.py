@@ -93,8 +93,8 @@ PROFILES: dict[str, Profile] = {
         tokenize=TokenizeSettings(max_length=1_126),
         # The seed's effective batch (16) and learning rate, run the fastest way measured through train_lora on an
         # H200 (docs/BENCHMARKS.md, GPU section): 16 sequences per pass in batches of similar length, padded to a
-        # multiple of 64 (cuDNN attention plans a kernel on the CPU for each new shape; a real run then meets at most
-        # 18, and the benchmark's steps ran 6-12% faster), no activation checkpointing (about 70 GiB peak; on a 16 GB
+        # multiple of 64 (at most 18 shapes in a real run; the benchmark's steps ran 6-12% faster than padded to the
+        # longest row), no activation checkpointing (about 70 GiB peak; on a 16 GB
         # card turn gradient_checkpointing on: 7.5 GiB), and no autocast: the 4-bit model already computes in bf16,
         # and autocast's fp32 LayerNorm makes bitsandbytes return every projection in fp32.
         train=TrainSettings(

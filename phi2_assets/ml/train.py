@@ -24,7 +24,11 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.nn.attention import sdpa_kernel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback, set_seed
+from transformers import (
+    AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback, set_seed,
+)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
@@ -46,6 +50,14 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 # SDPA under a mask that leaves out the padding: see `_attention_without_padding_mask`.
 RIGHT_PADDED_SDPA = "sdpa_right_padded"
+
+
+def _sdpa_mask_without_padding(*args, attention_mask=None, **kwargs):
+    return sdpa_mask(*args, attention_mask=None, **kwargs)
+
+
+AttentionInterface.register(RIGHT_PADDED_SDPA, sdpa_attention_forward)
+AttentionMaskInterface.register(RIGHT_PADDED_SDPA, _sdpa_mask_without_padding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,15 +258,6 @@ def _attention_without_padding_mask(model: PreTrainedModel) -> Iterator[None]:
     if model.config._attn_implementation != "sdpa":
         yield
         return
-    from transformers import AttentionInterface
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    def sdpa_mask_without_padding(*args, attention_mask=None, **kwargs):
-        return sdpa_mask(*args, attention_mask=None, **kwargs)
-
-    AttentionInterface.register(RIGHT_PADDED_SDPA, sdpa_attention_forward)
-    AttentionMaskInterface.register(RIGHT_PADDED_SDPA, sdpa_mask_without_padding)
     model.set_attn_implementation(RIGHT_PADDED_SDPA)
     try:
         with sdpa_kernel(models.CAUSAL_SDPA_KERNELS):
