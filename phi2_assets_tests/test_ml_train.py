@@ -105,6 +105,19 @@ def test_training_without_the_padding_mask_learns_what_the_masked_model_learns(t
     assert model.config._attn_implementation == "sdpa", "the model comes back on plain SDPA"
 
 
+def test_compiled_layers_learn_what_eager_layers_learn(tiny, tmp_path):
+    """`compile_layers` runs every decoder layer through one torch.compile graph (Inductor's C++ on this CPU): the
+    same losses as eager layers, and the shared model comes back with eager layers and no input hook."""
+    model, tokenizer, train, validation = tiny
+    settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
+    eager = train_lora(model, tokenizer, train, validation, settings, tmp_path / "eager", tmp_path / "checkpoints")
+    compiled = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, compile_layers=True), tmp_path / "compiled", tmp_path / "checkpoints")
+    assert compiled.train_losses == pytest.approx(eager.train_losses, rel=1e-4)
+    assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-4)
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    assert not model.get_input_embeddings()._forward_hooks
+
+
 def test_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
     model, tokenizer, train, validation = tiny
     settings = dataclasses.replace(FAST, max_steps=4, save_steps=2)
@@ -129,7 +142,8 @@ def _interrupt_at_step_3(line: str) -> None:
 
 
 def test_settings_reject_impossible_values():
-    for bad in ({"learning_rate": 0}, {"lora_r": 0}, {"lora_dropout": 1.0}, {"max_steps": 0}, {"lr_scheduler": "sine"}, {"pad_to_multiple_of": 0}):
+    for bad in ({"learning_rate": 0}, {"lora_r": 0}, {"lora_dropout": 1.0}, {"max_steps": 0}, {"lr_scheduler": "sine"}, {"pad_to_multiple_of": 0},
+                {"compile_layers": True, "gradient_checkpointing": True}):
         with pytest.raises(ValueError):
             TrainSettings(**bad)
 
