@@ -53,12 +53,16 @@ BENCH_RUN = {"max_steps": STEPS, "logging_steps": 1, "save_steps": 100_000, "eva
 # the seed notebooks' recipe (TrainSettings' defaults): micro-batch 2 x grad-accum 8, dynamic padding, paged AdamW
 # 8-bit, gradient checkpointing, bf16 autocast
 SEED = dataclasses.replace(TrainSettings(), **BENCH_RUN)
-BEST = dataclasses.replace(PROFILES["phi2"].train, **BENCH_RUN)  # the phi2 profile's: 16 x 1, length-grouped, no checkpointing
+# the phi2 profile's: 16 x 1, length-grouped, no checkpointing, compiled decoder layers, fused AdamW
+BEST = dataclasses.replace(PROFILES["phi2"].train, **BENCH_RUN)
 RECIPES: dict[str, TrainSettings] = {
     "seed": SEED,
     "best": BEST,
-    # the phi2 profile's recipe with activation checkpointing, under a 16 GB card's memory limit
-    "lean": dataclasses.replace(BEST, gradient_checkpointing=True),
+    # the phi2 recipe with eager decoder layers (no compile)
+    "best_eager": dataclasses.replace(BEST, compile_layers=False),
+    # the phi2 profile's recipe with activation checkpointing (which Inductor does not compile), under a 16 GB card's
+    # memory limit
+    "lean": dataclasses.replace(BEST, gradient_checkpointing=True, compile_layers=False),
     # the phi2 recipe padded to each batch's longest row: nearly every step a new shape
     "dynamic_padding": dataclasses.replace(BEST, pad_to_multiple_of=None),
     # one packed row per step: SDPA gets a dense block-diagonal mask over the whole row (slower: docs/BENCHMARKS.md)
@@ -229,7 +233,7 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
         lines.append((time.monotonic(), text))
         print(f"[{name}] {text}", flush=True)
 
-    capped = name == "lean"
+    capped = name.startswith("lean")
     total = torch.cuda.get_device_properties(0).total_memory
     if capped:  # a real 16 GB card's limit: any step that needs more fails with out-of-memory
         torch.cuda.set_per_process_memory_fraction(LEAN_CARD_GIB * 2**30 / total)
@@ -241,7 +245,7 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
     steady = steady_rate(lines, artifact.tokens_seen)
     tok_s = steady.get("steady_tok_s", artifact.tokens_per_second)
     result = {
-        "settings": {k: getattr(settings, k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free", "pad_to_multiple_of", "bf16", "optimizer")},
+        "settings": {k: getattr(settings, k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free", "pad_to_multiple_of", "compile_layers", "bf16", "optimizer")},
         "fused_gelu": name != "seed",
         "tok_s": round(tok_s),
         "tok_s_end_to_end": round(artifact.tokens_per_second),
@@ -362,9 +366,9 @@ def main() -> None:
     details["data"] = {"train_rows": len(train), "mean_tokens": round(float(np.mean(lengths)), 1), "max_tokens": max(lengths),
                        "flops_per_token": flops_per_token}
     phase("packed_equals_padded", 60, lambda: details.__setitem__("packed_equals_padded", check_packed_equals_padded(model, train)))
-    # one-time costs (TRL's Triton log-prob kernels compile on first use, the allocator grows) land here, not in
-    # the first measured recipe: a run of 8 steps measured 4,480 tok/s for a recipe that came first
-    phase("warm-up", 60, lambda: train_lora(model, tokenizer, train.select(range(32)), evaluation.select(range(8)),
+    # one-time costs (the decoder layers' compile, TRL's Triton log-prob kernels, the allocator's growth) land here,
+    # not in the first measured recipe: a run of 8 steps measured 4,480 tok/s for a recipe that came first
+    phase("warm-up", 300, lambda: train_lora(model, tokenizer, train.select(range(32)), evaluation.select(range(8)),
                                             dataclasses.replace(BEST, max_steps=2), WORK / "adapter-warm-up", WORK / "checkpoints"))
     for name, settings in ((name, RECIPES[name]) for name in args.recipes):
         phase(f"train {name}", 150 if name == "seed" else 60, lambda name=name, settings=settings: train_recipe(

@@ -5,8 +5,8 @@ The same model and data as bench/gpu_benchmark.py (phi-2-shaped random weights i
 Per part: wall time against summed GPU kernel time (how far the GPU is kept busy), kernel time by kind (matmul,
 attention, NF4 dequantisation, the rest), and the top kernels. Optional trials time recipe variants side by side.
 
-    PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--trials best flex_padding_free ...] [--generation-trials]
-        [--skip-generation-profile] [--generation-only]
+    PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--profile-recipes best best_compiled]
+        [--trials best best_compiled_graphs ...] [--generation-trials] [--skip-generation-profile] [--generation-only]
 
 Writes $OUT/h200-profile.json after every part.
 """
@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import cProfile
 import dataclasses
 import json
+import pstats
 import time
+from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench import gpu_benchmark as bench
 from bench.phi2_shape import synthetic_articles
@@ -36,13 +40,56 @@ KINDS = (  # kernel name fragments, first match wins
     ("matmul", ("gemm", "gemv", "nvjet", "xmma", "cutlass", "sm90_", "splitk")),
     ("optimizer", ("optimizer", "adam")),  # bitsandbytes' 8-bit AdamW kernels
 )
+PAGED_8BIT = {"optimizer": "paged_adamw_8bit"}  # the seed's optimizer: bitsandbytes launches a kernel per LoRA tensor
 TRIALS = {  # name: (settings, attention implementation, SDPA kernels or None for PyTorch's choice)
     "best": (bench.RECIPES["best"], "sdpa", None),
+    "best_eager": (bench.RECIPES["best_eager"], "sdpa", None),
+    "best_8bit_adamw": (dataclasses.replace(bench.RECIPES["best"], **PAGED_8BIT), "sdpa", None),
+    # the fifth session's phi2 recipe: eager layers, paged AdamW 8-bit
+    "best_eager_8bit_adamw": (dataclasses.replace(bench.RECIPES["best_eager"], **PAGED_8BIT), "sdpa", None),
+    "lean": (bench.RECIPES["lean"], "sdpa", None),
     "best_dynamic_padding": (bench.RECIPES["dynamic_padding"], "sdpa", None),
     "no_lora_dropout": (dataclasses.replace(bench.RECIPES["best"], lora_dropout=0.0), "sdpa", None),
     "flex_padding_free": (bench.RECIPES["padding_free"], "flex_attention", None),
 }
+# "best" + this: the compiled layers replayed as CUDA graphs (mode reduce-overhead); fails in torch 2.11 ("accessing
+# tensor output of CUDAGraphs that has been overwritten by a subsequent run")
+GRAPHED = "_graphs"
+# host-side phases of a training step, annotated while profiling: (class path, method) -> label
+HOST_PHASES = {
+    ("transformers.Trainer", "get_batch_samples"): "host: next batch",
+    ("trl.SFTTrainer", "compute_loss"): "host: forward + loss + TRL metrics",
+    ("accelerate.Accelerator", "backward"): "host: backward",
+    ("transformers.Trainer", "_clip_grad_norm"): "host: clip grad norm",
+    ("transformers.Trainer", "_maybe_log_save_evaluate"): "host: log",
+}
+# where the host waits for the GPU (`.item()` and friends)
+SYNC_OPS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync")
 report: dict = {}
+
+
+@contextlib.contextmanager
+def annotated_host_phases():
+    """Each HOST_PHASES method runs inside a profiler range of its label (the optimizer annotates its own step)."""
+    import importlib
+
+    originals = []
+    for (owner_path, method), label in HOST_PHASES.items():
+        module, _, name = owner_path.rpartition(".")
+        owner = getattr(importlib.import_module(module), name)
+        original = getattr(owner, method)
+
+        def wrapped(*args, _original=original, _label=label, **kwargs):
+            with record_function(_label):
+                return _original(*args, **kwargs)
+
+        originals.append((owner, method, original))
+        setattr(owner, method, wrapped)
+    try:
+        yield
+    finally:
+        for owner, method, original in originals:
+            setattr(owner, method, original)
 
 
 def kind_of(kernel: str) -> str:
@@ -64,17 +111,23 @@ def summarise(prof, wall_s: float, units: int, label: str) -> dict:
     for name, (ms, _) in per_kernel.items():
         kinds[kind_of(name)] += ms
     top = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:25]
+    host: dict[str, float] = collections.Counter()
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CPU and (event.name.startswith(("host: ", "Optimizer.step")) or event.name in SYNC_OPS):
+            host[event.name] += event.cpu_time_total / 1e3
     result = {
         "wall_ms": round(wall_s * 1e3 / units, 1),
         "gpu_busy_ms": round(busy / units, 1),
         "gpu_busy_share": round(busy / (wall_s * 1e3), 3),
         "kernels_launched": int(sum(count for _, count in per_kernel.values()) / units),
         "by_kind_ms": {kind: round(ms / units, 1) for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "host_ms": {name: round(ms / units, 1) for name, ms in sorted(host.items(), key=lambda kv: -kv[1])},
         "top_kernels": [{"ms": round(ms / units, 2), "calls": int(count / units), "name": name[:110]} for name, (ms, count) in top],
     }
     print(f"\n=== {label}: wall {result['wall_ms']} ms, GPU busy {result['gpu_busy_ms']} ms ({result['gpu_busy_share']:.0%}),"
           f" {result['kernels_launched']} kernels per unit", flush=True)
     print("by kind (ms):", json.dumps(result["by_kind_ms"]))
+    print("host (ms):", json.dumps(result["host_ms"]))
     for row in result["top_kernels"][:18]:
         print(f"{row['ms']:9.2f} ms {row['calls']:6d}x  {row['name']}")
     ops = prof.key_averages().table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=48)
@@ -82,47 +135,86 @@ def summarise(prof, wall_s: float, units: int, label: str) -> dict:
     return result
 
 
-def profile_training(model, tokenizer, train, evaluation) -> None:
-    """`train_lora` with the profile's recipe; steps PROFILED_STEPS of SFTTrainer.training_step are recorded."""
+def print_python_profile(python_profile: cProfile.Profile, units: int) -> None:
+    """The Python functions that hold the host longest, per training step: own time, and time with callees."""
+    stats = pstats.Stats(python_profile)
+    rows = [(own / units, cumulative / units, calls // units, f"{'/'.join(Path(file).parts[-2:])}:{line}({name})")
+            for (file, line, name), (_, calls, own, cumulative, _) in stats.stats.items()]
+    report["python_ms_per_step"] = {}
+    for label, index in (("own", 0), ("with callees", 1)):
+        top = sorted(rows, key=lambda row: -row[index])[:30]
+        report["python_ms_per_step"][label] = [[round(own * 1e3, 2), round(cum * 1e3, 2), calls, where] for own, cum, calls, where in top]
+        print(f"\n=== Python, ms per step by {label} time (own, with callees, calls, function)")
+        for own, cum, calls, where in top:
+            print(f"{own * 1e3:8.2f} {cum * 1e3:8.2f} {calls:6d}  {where}")
+
+
+def profile_training(recipe: str, model, tokenizer, train, evaluation, python: bool = False) -> None:
+    """`train_lora` with a trial's recipe (the profile's by default); steps PROFILED_STEPS of
+    SFTTrainer.training_step are recorded by torch's profiler, or with `python` by cProfile (Python's own time
+    per function, with no kernel view)."""
     from trl import SFTTrainer
 
     original = SFTTrainer.training_step
+    python_profile = cProfile.Profile() if python else None
     prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
     calls, started = [0], [0.0]
     first, last = PROFILED_STEPS
 
     def training_step(self, *args, **kwargs):
+        # the window runs from training step `first` to the start of step `last`: whole steps, each with its
+        # optimizer step, logging and next batch
         calls[0] += 1
-        if calls[0] == first:
+        if calls[0] in (first, last):
             torch.cuda.synchronize()
-            prof.start()
-            started[0] = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            if calls[0] == last - 1:
-                torch.cuda.synchronize()
+            if calls[0] == first:
+                python_profile.enable() if python_profile else prof.start()
+                started[0] = time.perf_counter()
+            elif python_profile:
+                python_profile.disable()
+                report.setdefault("python_profiled_step_ms", {})[recipe] = round((time.perf_counter() - started[0]) * 1e3 / (last - first), 1)
+                print_python_profile(python_profile, last - first)
+            else:
                 wall = time.perf_counter() - started[0]
                 prof.stop()
-                report["training_step"] = summarise(prof, wall, last - first, "training step (16 x ~484 tokens)")
+                report.setdefault("training_step", {})[recipe] = summarise(prof, wall, last - first, f"training step, {recipe} (16 x ~484 tokens)")
+        return original(self, *args, **kwargs)
 
     SFTTrainer.training_step = training_step
     try:
-        settings = dataclasses.replace(bench.BEST, max_steps=last + 1)
-        train_lora(model, tokenizer, train, evaluation, settings, bench.WORK / "adapter-profiled", bench.WORK / "checkpoints")
+        with annotated_host_phases():
+            settings = dataclasses.replace(TRIALS[recipe][0], max_steps=last + 1)
+            train_lora(model, tokenizer, train, evaluation, settings, bench.WORK / "adapter-profiled", bench.WORK / "checkpoints")
     finally:
         SFTTrainer.training_step = original
 
 
+@contextlib.contextmanager
+def compile_mode(mode: str | None):
+    """`compile_layers` compiles with this torch.compile mode instead of the default one."""
+    if mode is None:
+        yield
+        return
+    from torch import nn
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    GradientCheckpointingLayer.compile = lambda self, **kwargs: nn.Module.compile(self, mode=mode, **kwargs)
+    try:
+        yield
+    finally:
+        del GradientCheckpointingLayer.compile
+
+
 def trial(name: str, model, tokenizer, train, evaluation, flops_per_token: float) -> None:
-    settings, attention, backends = TRIALS[name]
+    settings, attention, backends = TRIALS[name] if name in TRIALS else TRIALS[name.removesuffix(GRAPHED)]
     model.set_attn_implementation(attention)
     try:
-        with bench.sdpa_backends(backends):
+        with bench.sdpa_backends(backends), compile_mode("reduce-overhead" if name.endswith(GRAPHED) else None):
             result = bench.train_recipe(name, settings, model, tokenizer, train, evaluation, flops_per_token)
     finally:
         model.set_attn_implementation("sdpa")
-    entry = {"trial": name, **{k: result[k] for k in ("tok_s", "mfu", "peak_mem_gib", "final_train_loss", "eval_loss_after")}}
+    keys = ("tok_s", "tok_s_end_to_end", "first_step_s", "train_seconds", "mfu", "peak_mem_gib", "train_losses", "eval_loss_after")
+    entry = {"trial": name, **{k: result[k] for k in keys}}
     report.setdefault("trials", []).append(entry)
     print(f"[trial] {entry}", flush=True)
 
@@ -160,7 +252,10 @@ def generation_trials(merged, tokenizer, articles: list[str], rounds: int = 2) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", nargs="*", default=[], choices=list(TRIALS), help="recipe variants to time after the profile (repeat names to alternate)")
+    parser.add_argument("--profile-recipes", nargs="*", default=["best"], choices=list(TRIALS), help="recipes whose training steps are profiled, in turn")
+    parser.add_argument("--python-profile", action="store_true", help="profile the training steps with cProfile (Python functions) instead of torch's profiler")
+    trial_names = list(TRIALS) + ["best" + GRAPHED]
+    parser.add_argument("--trials", nargs="*", default=[], choices=trial_names, help="recipe variants to time after the profile (repeat names to alternate)")
     parser.add_argument("--generation-trials", action="store_true", help="time 500 summaries with PyTorch's attention kernel and without cuDNN")
     parser.add_argument("--skip-generation-profile", action="store_true")
     parser.add_argument("--generation-only", action="store_true", help="profile generation alone, on the merged model without an adapter")
@@ -172,13 +267,15 @@ def main() -> None:
 
     def save() -> None:
         report["errors"] = bench.details.get("errors")
+        report["phase_seconds"] = bench.details.get("phase_seconds")
         (bench.OUT / "h200-profile.json").write_text(json.dumps(report, indent=1))
 
     bench.after_phase = save
     if not args.generation_only:
-        bench.phase("profile training", 240, lambda: profile_training(model, tokenizer, train, evaluation))
+        for recipe in args.profile_recipes:
+            bench.phase(f"profile training {recipe}", 300, lambda: profile_training(recipe, model, tokenizer, train, evaluation, args.python_profile))
     for name in args.trials:
-        bench.phase(f"trial {name}", 240, lambda: trial(name, model, tokenizer, train, evaluation, flops_per_token))
+        bench.phase(f"trial {name}", 200, lambda: trial(name, model, tokenizer, train, evaluation, flops_per_token))
 
     if args.skip_generation_profile and not args.generation_trials:
         return

@@ -1,0 +1,66 @@
+"""Which dense evaluation path computes what was trained: 4-bit + LoRA against the dense bf16 copy of the NF4 weights
+with the adapter unmerged (LoRA layers beside the weights) and merged into them, all on the phi2 profile's static
+cache with CUDA-graphed steps. Same articles, same trained adapter; summaries compared text for text with 4-bit +
+LoRA, and next-token log-probs teacher-forced over the first prompts.
+
+    PYTHONPATH=/tmp/site:. python3 bench/exact_generation.py [--adapter /tmp/bench/adapter-best] [--articles 256]
+
+The adapter comes from a training run on the same machine (bench/gpu_benchmark.py or a gpu_profile.py trial).
+Writes $OUT/h200-exact-generation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from bench import gpu_benchmark as bench
+from bench.phi2_shape import synthetic_articles
+from phi2_assets.ml import generate, models
+from phi2_assets.profiles import PROFILES
+
+PATHS = ("4bit_lora", "bf16_lora", "bf16_merged")  # the first is the reference
+
+
+def load(path: str, spec, model_dir: str, adapter: str):
+    if path == "4bit_lora":
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(models.load_model(spec, model_dir, models.choose_precision(True)), adapter)
+    return generate.load_merged_bf16(spec, model_dir, adapter, merge=path == "bf16_merged")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--adapter", default=str(bench.WORK / "adapter-best"))
+    parser.add_argument("--articles", type=int, default=bench.UNMERGED_ARTICLES)
+    args = parser.parse_args()
+    spec, model_dir, tokenizer = bench.phi2_shape_checkpoint()
+    articles = synthetic_articles(args.articles)
+    settings = dataclasses.replace(PROFILES["phi2"].generation, merged_bf16=False)  # static cache, graphed steps
+    probes = bench.teacher_forcing_probes(tokenizer, articles, settings)
+    report: dict = {"articles": len(articles), "adapter": args.adapter, "paths": {}}
+    texts, reference = {}, None
+    for path in PATHS:
+        model = load(path, spec, model_dir, args.adapter)
+        logprobs = bench.next_token_logprobs(model, probes)
+        passes = [generate.generate_summaries(model, tokenizer, articles, settings) for _ in range(2)]
+        texts[path] = [record.text for record in passes[0].records]
+        entry = {"per_s": [round(p.summaries_per_second, 1) for p in passes], "batches": passes[0].batch_sizes,
+                 "nonempty": passes[0].success_rate,
+                 "same_as_second_pass": sum(a.text == b.text for a, b in zip(*(p.records for p in passes))) / len(articles)}
+        if reference is None:
+            reference = logprobs
+        else:
+            entry["identical_to_4bit_lora"] = sum(a == b for a, b in zip(texts[PATHS[0]], texts[path])) / len(articles)
+            entry["logprobs_vs_4bit_lora"] = bench.compare_logprobs(reference, logprobs)
+        report["paths"][path] = entry
+        print(f"[{path}] {json.dumps(entry)}", flush=True)
+        del model, logprobs, passes
+        bench.free_memory()
+    (bench.OUT / "h200-exact-generation.json").write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
