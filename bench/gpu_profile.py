@@ -43,16 +43,17 @@ KINDS = (  # kernel name fragments, first match wins
 PAGED_8BIT = {"optimizer": "paged_adamw_8bit"}  # the seed's optimizer: bitsandbytes launches a kernel per LoRA tensor
 TRIALS = {  # name: (settings, attention implementation, SDPA kernels or None for PyTorch's choice)
     "best": (bench.RECIPES["best"], "sdpa", None),
-    "best_eager": (bench.RECIPES["best_eager"], "sdpa", None),
+    "best_compiled": (bench.RECIPES["best_compiled"], "sdpa", None),
+    "best_compiled_dynamic_padding": (bench.RECIPES["best_compiled_dynamic_padding"], "sdpa", None),
+    "best_compiled_8bit_adamw": (dataclasses.replace(bench.RECIPES["best_compiled"], **PAGED_8BIT), "sdpa", None),
+    # the fifth session's phi2 recipe (paged AdamW 8-bit)
     "best_8bit_adamw": (dataclasses.replace(bench.RECIPES["best"], **PAGED_8BIT), "sdpa", None),
-    # the fifth session's phi2 recipe: eager layers, paged AdamW 8-bit
-    "best_eager_8bit_adamw": (dataclasses.replace(bench.RECIPES["best_eager"], **PAGED_8BIT), "sdpa", None),
     "lean": (bench.RECIPES["lean"], "sdpa", None),
     "best_dynamic_padding": (bench.RECIPES["dynamic_padding"], "sdpa", None),
     "no_lora_dropout": (dataclasses.replace(bench.RECIPES["best"], lora_dropout=0.0), "sdpa", None),
     "flex_padding_free": (bench.RECIPES["padding_free"], "flex_attention", None),
 }
-# "best" + this: the compiled layers replayed as CUDA graphs (mode reduce-overhead); fails in torch 2.11 ("accessing
+# "best_compiled" + this: the compiled layers replayed as CUDA graphs (mode reduce-overhead); fails in torch 2.11 ("accessing
 # tensor output of CUDAGraphs that has been overwritten by a subsequent run")
 GRAPHED = "_graphs"
 # host-side phases of a training step, annotated while profiling: (class path, method) -> label
@@ -254,7 +255,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile-recipes", nargs="*", default=["best"], choices=list(TRIALS), help="recipes whose training steps are profiled, in turn")
     parser.add_argument("--python-profile", action="store_true", help="profile the training steps with cProfile (Python functions) instead of torch's profiler")
-    trial_names = list(TRIALS) + ["best" + GRAPHED]
+    trial_names = list(TRIALS) + ["best_compiled" + GRAPHED]
     parser.add_argument("--trials", nargs="*", default=[], choices=trial_names, help="recipe variants to time after the profile (repeat names to alternate)")
     parser.add_argument("--generation-trials", action="store_true", help="time 500 summaries with PyTorch's attention kernel and without cuDNN")
     parser.add_argument("--skip-generation-profile", action="store_true")
