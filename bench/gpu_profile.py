@@ -274,7 +274,7 @@ def main() -> None:
     bench.after_phase = save
     if not args.generation_only:
         for recipe in args.profile_recipes:
-            bench.phase(f"profile training {recipe}", 300, lambda: profile_training(recipe, model, tokenizer, train, evaluation, args.python_profile))
+            bench.phase(f"profile training {recipe}", 300, lambda recipe=recipe: profile_training(recipe, model, tokenizer, train, evaluation, args.python_profile))
     for name in args.trials:
         bench.phase(f"trial {name}", 200, lambda: trial(name, model, tokenizer, train, evaluation, flops_per_token))
 
