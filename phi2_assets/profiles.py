@@ -108,7 +108,7 @@ PROFILES: dict[str, Profile] = {
         ),
         evaluation_set=EvaluationSetSettings(split="validation", samples=500),
         # the adapter merged into bf16 weights, batches from the cost model, a static KV cache per batch with chunked
-        # unmasked prefill, a fused rotary kernel and CUDA-graphed decoding steps: 86.7-92.7 summaries/s on an H200 on
+        # unmasked prefill, a fused rotary kernel and CUDA-graphed decoding steps: 86.7-93.5 summaries/s on an H200 on
         # the benchmark's first pass, 95-98 once a process has generated, 67-82 on a fresh process's first pass;
         # `merged_bf16: false` (exactly the trained 4-bit + LoRA) 39-49 (docs/BENCHMARKS.md)
         generation=GenerationSettings(
