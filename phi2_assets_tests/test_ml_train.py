@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 from phi2_assets.ml import models, sources
 from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
 from phi2_assets.ml.train import (
-    TARGET_MODULES_BY_ARCHITECTURE, TrainSettings, expected_trainable_parameters, resolve_optimizer, train_lora,
+    TARGET_MODULES_BY_ARCHITECTURE, TrainSettings, _mode_switches_only_when_needed, expected_trainable_parameters,
+    resolve_optimizer, train_lora,
 )
 from phi2_assets_tests.conftest import tiny_phi
 
@@ -116,6 +117,21 @@ def test_compiled_layers_learn_what_eager_layers_learn(tiny, tmp_path):
     assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-4)
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
     assert not model.get_input_embeddings()._forward_hooks
+
+
+def test_mode_switches_still_reach_every_module_while_training():
+    """Training skips `model.train()` when every module is in train mode already, but a real switch (evaluation, or
+    a module left in another mode) still reaches every module, and the model's own `train` comes back afterwards."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Dropout(0.5)))
+    with _mode_switches_only_when_needed(model):
+        model.eval()
+        assert not any(module.training for module in model.modules())
+        model.train()
+        assert all(module.training for module in model.modules())
+        model[1][0].eval()
+        model.train()
+        assert all(module.training for module in model.modules())
+    assert "train" not in model.__dict__
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
