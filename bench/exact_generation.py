@@ -15,6 +15,8 @@ import argparse
 import dataclasses
 import json
 
+from peft import PeftModel
+
 from bench import gpu_benchmark as bench
 from bench.phi2_shape import synthetic_articles
 from phi2_assets.ml import generate, models
@@ -24,11 +26,11 @@ PATHS = ("4bit_lora", "bf16_lora", "bf16_merged")  # the first is the reference
 
 
 def load(path: str, spec, model_dir: str, adapter: str):
-    if path == "4bit_lora":
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(models.load_model(spec, model_dir, models.choose_precision(True)), adapter)
-    return generate.load_merged_bf16(spec, model_dir, adapter, merge=path == "bf16_merged")
+    if path == "bf16_merged":
+        return generate.load_merged_bf16(spec, model_dir, adapter)
+    # the adapter as LoRA layers, beside the 4-bit weights or beside their dense bf16 copy
+    base = models.load_model(spec, model_dir, models.choose_precision(True)) if path == "4bit_lora" else generate.load_merged_bf16(spec, model_dir, None)
+    return PeftModel.from_pretrained(base, adapter)
 
 
 def main() -> None:

@@ -234,7 +234,7 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
         lines.append((time.monotonic(), text))
         print(f"[{name}] {text}", flush=True)
 
-    capped = name.startswith("lean")
+    capped = name == "lean"
     total = torch.cuda.get_device_properties(0).total_memory
     if capped:  # a real 16 GB card's limit: any step that needs more fails with out-of-memory
         torch.cuda.set_per_process_memory_fraction(LEAN_CARD_GIB * 2**30 / total)

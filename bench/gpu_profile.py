@@ -261,10 +261,6 @@ def main() -> None:
     parser.add_argument("--skip-generation-profile", action="store_true")
     parser.add_argument("--generation-only", action="store_true", help="profile generation alone, on the merged model without an adapter")
     args = parser.parse_args()
-    inputs = bench.load_inputs()
-    spec, model_dir, tokenizer, model = inputs.spec, inputs.model_dir, inputs.tokenizer, inputs.model
-    train, evaluation, flops_per_token = inputs.train, inputs.evaluation, inputs.flops_per_token
-    del inputs  # the 4-bit model is freed below, before the merged copy loads
 
     def save() -> None:
         report["errors"] = bench.details.get("errors")
@@ -273,22 +269,29 @@ def main() -> None:
 
     bench.after_phase = save
     if not args.generation_only:
-        for recipe in args.profile_recipes:
-            bench.phase(f"profile training {recipe}", 300, lambda recipe=recipe: profile_training(recipe, model, tokenizer, train, evaluation, args.python_profile))
-    for name in args.trials:
-        bench.phase(f"trial {name}", 200, lambda: trial(name, model, tokenizer, train, evaluation, flops_per_token))
-
+        profile_and_time_training(args)
+        bench.free_memory()  # the 4-bit model, before the merged copy loads
     if args.skip_generation_profile and not args.generation_trials:
         return
+    spec, model_dir, tokenizer = bench.phi2_shape_checkpoint()
     adapter = bench.WORK / "adapter-profiled"
-    del model
-    bench.free_memory()
     merged = generate.load_merged_bf16(spec, model_dir, adapter if adapter.is_dir() else None)
     articles = synthetic_articles(GENERATION_ARTICLES)
     if not args.skip_generation_profile:
         bench.phase("profile generation", 200, lambda: profile_generation(merged, tokenizer, articles))
     if args.generation_trials:
         generation_trials(merged, tokenizer, synthetic_articles(bench.MERGED_ARTICLES))
+
+
+def profile_and_time_training(args: argparse.Namespace) -> None:
+    """The training profiles and trials on the 4-bit model, which goes when this returns."""
+    inputs = bench.load_inputs()
+    for recipe in args.profile_recipes:
+        bench.phase(f"profile training {recipe}", 300, lambda recipe=recipe: profile_training(
+            recipe, inputs.model, inputs.tokenizer, inputs.train, inputs.evaluation, args.python_profile))
+    for name in args.trials:
+        bench.phase(f"trial {name}", 200, lambda name=name: trial(
+            name, inputs.model, inputs.tokenizer, inputs.train, inputs.evaluation, inputs.flops_per_token))
 
 
 if __name__ == "__main__":

@@ -237,12 +237,11 @@ def generate_summaries(
                             batch_seconds=batch_seconds)
 
 
-def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str | Path | None, merge: bool = True) -> PreTrainedModel:
+def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str | Path | None) -> PreTrainedModel:
     """A separate dense copy of the base with the adapter merged into its weights: no LoRA matmuls and no 4-bit
     dequantisation per decoding step. Where the base trains in 4-bit, the copy is the NF4 weights dequantized to
     bf16, the very weights the adapter was trained against: closer to 4-bit + LoRA than a merge into the original
-    bf16 checkpoint (docs/BENCHMARKS.md). `merge=False` keeps the adapter as LoRA layers beside those weights: the
-    4-bit + LoRA function itself (bf16 rounds W + BA, it does not round W and BA·x apart), without the dequantisation."""
+    bf16 checkpoint (docs/BENCHMARKS.md)."""
     precision = models.choose_precision(spec.load_in_4bit)
     model = models.load_model(spec, model_dir, precision)
     if precision.quantized_4bit:
@@ -251,5 +250,4 @@ def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str |
         return model
     from peft import PeftModel
 
-    adapted = PeftModel.from_pretrained(model, str(adapter_path))
-    return adapted.merge_and_unload() if merge else adapted
+    return PeftModel.from_pretrained(model, str(adapter_path)).merge_and_unload()
