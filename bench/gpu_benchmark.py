@@ -4,7 +4,7 @@ Everything runs through the project's own code: the phi-2-shaped random model (b
 safetensors and loaded by `models.load_model` in 4-bit NF4, trained by `train.train_lora` and sampled by
 `generate.generate_summaries` (4-bit + LoRA through `models.adapted`, merged bf16 through
 `generate.load_merged_bf16`). Training data: XSum-shaped token rows, the same rows for every recipe, a fixed
-number of optimizer steps of 16 sequences each. Tokens/s is measured after the first optimizer step.
+number of optimizer steps of 16 sequences each. Tokens/s is measured after the first progress line (4 steps).
 
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=/tmp/site:. python3 bench/gpu_benchmark.py
         [--recipes seed best ...] [--skip-generation]
@@ -34,6 +34,7 @@ import torch
 from bench import gpu_metrics
 from bench.phi2_shape import EOS_ID, save_phi2_shape, synthetic_articles, synthetic_tokenized_xsum
 from phi2_assets.ml import generate, models
+from phi2_assets.ml.nf4 import block_absmax, dequantize_nf4
 from phi2_assets.ml.train import TrainSettings, expected_trainable_parameters, target_modules_for, train_lora
 from phi2_assets.profiles import PROFILES
 
@@ -49,7 +50,8 @@ LEAN_CARD_GIB = 15.0  # what a 16 GB card (T4) leaves to PyTorch's allocator
 SEQUENTIAL_ARTICLES, UNMERGED_ARTICLES, MERGED_ARTICLES = 3, 256, 500
 PROGRESS = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.]+).*?([\d,]+) tokens/s")
 
-BENCH_RUN = {"max_steps": STEPS, "logging_steps": 1, "save_steps": 100_000, "eval_steps": None}
+LOGGED_EVERY = 4  # steps between progress lines: each one reads the token count, a wait for the GPU (the phi2 profile: 10)
+BENCH_RUN = {"max_steps": STEPS, "logging_steps": LOGGED_EVERY, "save_steps": 100_000, "eval_steps": None}
 # the seed notebooks' recipe (TrainSettings' defaults): micro-batch 2 x grad-accum 8, dynamic padding, paged AdamW
 # 8-bit, gradient checkpointing, bf16 autocast
 SEED = dataclasses.replace(TrainSettings(), **BENCH_RUN)
@@ -162,6 +164,17 @@ def load_inputs() -> Inputs:
     return Inputs(spec, model_dir, tokenizer, model, train, evaluation, lengths, flops_per_token)
 
 
+def check_traceable_nf4(model) -> dict:
+    """`nf4.dequantize_nf4` (what compiled layers decode each projection with) against bitsandbytes' CUDA kernel."""
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn import Linear4bit
+
+    states = [(module.weight.data, module.weight.quant_state) for module in model.modules() if isinstance(module, Linear4bit)]
+    equal = sum(torch.equal(dequantize_nf4(packed, block_absmax(state), state.code, state.shape, torch.bfloat16),
+                            bnb_functional.dequantize_4bit(packed, state)) for packed, state in states)
+    return {"projections": len(states), "bit_equal": equal}
+
+
 def save_details() -> None:
     (OUT / "h200-details.json").write_text(json.dumps(details, indent=1, default=str))
 
@@ -207,7 +220,7 @@ def check_packed_equals_padded(model, rows) -> dict:
 
 
 def steady_rate(lines: list[tuple[float, str]], tokens_seen: int) -> dict:
-    """Tokens/s after the first optimizer step, from the progress lines' timestamps and cumulative rates.
+    """Tokens/s after the first progress line (LOGGED_EVERY steps), from the lines' timestamps and cumulative rates.
 
     A line k says rate_k = tokens_k / (t_k - start); the last one's tokens are the run's total, which fixes
     `start`; then tokens_1 follows, and the steady rate is (tokens_N - tokens_1) / (t_N - t_1).
@@ -221,7 +234,7 @@ def steady_rate(lines: list[tuple[float, str]], tokens_seen: int) -> dict:
     tokens_first = rate_first * (t_first - start)
     return {
         "steady_tok_s": (tokens_seen - tokens_first) / (t_last - t_first),
-        "first_step_s": t_first - start,
+        "first_log_s": t_first - start,
         "losses": [loss for _, _, loss, _ in points],
     }
 
@@ -250,7 +263,7 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
         "fused_gelu": name != "seed",
         "tok_s": round(tok_s),
         "tok_s_end_to_end": round(artifact.tokens_per_second),
-        "first_step_s": round(steady.get("first_step_s", float("nan")), 2),
+        "first_log_s": round(steady.get("first_log_s", float("nan")), 2),
         "mfu": round(gpu_metrics.mfu(flops_per_token * tok_s, 1.0), 3),
         "peak_mem_gib": round(artifact.peak_memory_mb / 1024, 2),
         "memory_cap_gib": LEAN_CARD_GIB if capped else None,
@@ -366,6 +379,7 @@ def main() -> None:
     details["profile_generation_path"] = PROFILE_GENERATION_PATH
     details["data"] = {"train_rows": len(train), "mean_tokens": round(float(np.mean(lengths)), 1), "max_tokens": max(lengths),
                        "flops_per_token": flops_per_token}
+    phase("nf4_decodes_as_bitsandbytes", 30, lambda: details.__setitem__("nf4_decodes_as_bitsandbytes", check_traceable_nf4(model)))
     phase("packed_equals_padded", 60, lambda: details.__setitem__("packed_equals_padded", check_packed_equals_padded(model, train)))
     # one-time costs (the decoder layers' compile, TRL's Triton log-prob kernels, the allocator's growth) land here,
     # not in the first measured recipe: a run of 8 steps measured 4,480 tok/s for a recipe that came first

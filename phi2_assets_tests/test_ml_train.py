@@ -7,12 +7,14 @@ import datasets
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from phi2_assets.ml import models, sources
+from phi2_assets.ml.lean_steps import cached_module_walks
+from phi2_assets.ml.nf4 import block_absmax, dequantize_nf4
 from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
 from phi2_assets.ml.train import (
-    TARGET_MODULES_BY_ARCHITECTURE, TrainSettings, _mode_switches_only_when_needed, expected_trainable_parameters,
+    TARGET_MODULES_BY_ARCHITECTURE, TrainSettings, expected_trainable_parameters,
     resolve_optimizer, train_lora,
 )
 from phi2_assets_tests.conftest import tiny_phi
@@ -119,11 +121,49 @@ def test_compiled_layers_learn_what_eager_layers_learn(tiny, tmp_path):
     assert not model.get_input_embeddings()._forward_hooks
 
 
-def test_mode_switches_still_reach_every_module_while_training():
+def test_compiled_4bit_layers_decode_and_learn_as_bitsandbytes_does(tiny, tmp_path):
+    """On an NF4 model (bitsandbytes runs on CPU too), compiled layers decode each projection's weight in the graph:
+    bit for bit bitsandbytes' own dequantization, and the same losses as its eager layers."""
+    import bitsandbytes.functional as bnb_functional
+    from bitsandbytes.nn import Linear4bit
+
+    _, tokenizer, train, validation = tiny
+    _, model_dir = tiny_phi()
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quantization, device_map={"": "cpu"})
+    linears = [module for module in model.modules() if isinstance(module, Linear4bit)]
+    assert linears and all(module.weight.quant_state.nested for module in linears)
+    for module in linears:
+        state = module.weight.quant_state
+        decoded = dequantize_nf4(module.weight.data, block_absmax(state), state.code, state.shape, torch.bfloat16)
+        assert torch.equal(decoded, bnb_functional.dequantize_4bit(module.weight.data, state))
+
+    settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
+    compiled = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, compile_layers=True), tmp_path / "compiled", tmp_path / "checkpoints")
+    assert all("forward" not in module.__dict__ and not dict(module.named_buffers()) for module in linears), "bitsandbytes' layers come back"
+    eager = train_lora(model, tokenizer, train, validation, settings, tmp_path / "eager", tmp_path / "checkpoints")
+    assert compiled.train_losses == pytest.approx(eager.train_losses, rel=1e-4)
+    assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-4)
+
+
+def test_dataloader_workers_train_and_evaluate_on_the_same_batches(tiny, tmp_path):
+    """Batches fetched by worker processes are the training process's own: the same losses, and the same held-out
+    batches at every evaluation (a kept evaluation loader would regroup them)."""
+    model, tokenizer, train, validation = tiny
+    settings = dataclasses.replace(FAST, max_steps=3, save_steps=100, group_by_length=True, lora_dropout=0.1)
+    in_process = train_lora(model, tokenizer, train, validation, settings, tmp_path / "in_process", tmp_path / "checkpoints")
+    workers = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, dataloader_workers=2), tmp_path / "workers", tmp_path / "checkpoints")
+    assert workers.train_losses == in_process.train_losses
+    assert (workers.base_eval_loss, workers.eval_loss) == (in_process.base_eval_loss, in_process.eval_loss)
+
+
+def test_cached_module_walks_still_switch_modes_and_clear_gradients():
     """Training skips `model.train()` when every module is in train mode already, but a real switch (evaluation, or
-    a module left in another mode) still reaches every module, and the model's own `train` comes back afterwards."""
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Dropout(0.5)))
-    with _mode_switches_only_when_needed(model):
+    a module left in another mode) still reaches every module; `zero_grad()` clears the trainable parameters'
+    gradients; the model's own methods come back afterwards."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(2, 1)))
+    model[0].requires_grad_(False)
+    with cached_module_walks(model):
         model.eval()
         assert not any(module.training for module in model.modules())
         model.train()
@@ -131,12 +171,16 @@ def test_mode_switches_still_reach_every_module_while_training():
         model[1][0].eval()
         model.train()
         assert all(module.training for module in model.modules())
-    assert "train" not in model.__dict__
+        model(torch.ones(3, 2)).sum().backward()
+        assert model[1][1].weight.grad is not None
+        model.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+    assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
     model, tokenizer, train, validation = tiny
-    settings = dataclasses.replace(FAST, max_steps=4, save_steps=2)
+    settings = dataclasses.replace(FAST, max_steps=4, save_steps=2, logging_steps=3)  # checkpoint-2 is saved between log lines
     with pytest.raises(KeyboardInterrupt):
         train_lora(model, tokenizer, train, validation, settings, tmp_path / "adapter", tmp_path / "checkpoints", _interrupt_at_step_3)
     assert not (tmp_path / "adapter").exists(), "an interrupted run writes no adapter"
@@ -148,6 +192,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
     lines: list[str] = []
     artifact = train_lora(model, tokenizer, train, validation, settings, tmp_path / "adapter", tmp_path / "checkpoints", lines.append)
     assert artifact.resumed_from_step == 2 and artifact.steps == 4
+    # 4 steps of 4 rows are one epoch: the tokens counted before the checkpoint and after the resume are every row's
+    assert artifact.tokens_seen == sum(len(ids) for ids in train["input_ids"])
     assert any(line.startswith("resuming from") and "checkpoint-2" in line for line in lines)
 
 
@@ -159,7 +205,7 @@ def _interrupt_at_step_3(line: str) -> None:
 
 def test_settings_reject_impossible_values():
     for bad in ({"learning_rate": 0}, {"lora_r": 0}, {"lora_dropout": 1.0}, {"max_steps": 0}, {"lr_scheduler": "sine"}, {"pad_to_multiple_of": 0},
-                {"compile_layers": True, "gradient_checkpointing": True}):
+                {"compile_layers": True, "gradient_checkpointing": True}, {"dataloader_workers": -1}):
         with pytest.raises(ValueError):
             TrainSettings(**bad)
 

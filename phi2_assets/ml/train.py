@@ -34,7 +34,9 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from phi2_assets.ml import models
+from phi2_assets.ml.nf4 import traceable_4bit_linears
 from phi2_assets.ml.atomic import atomic_path
+from phi2_assets.ml.lean_steps import LeanStepSFTTrainer, cached_module_walks
 from phi2_assets.ml.settings import documented
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class TrainSettings:
     group_by_length: bool = documented("batch sequences of similar length (less padding) instead of a uniformly random order", False)
     pad_to_multiple_of: int | None = documented("pad each batch to a multiple of this many positions: few distinct shapes, so CUDA kernels chosen per shape are reused; null = to the longest row", None)
     compile_layers: bool = documented("compile the decoder layers with torch.compile: fused elementwise kernels and less Python per step (1.3x on an H200), for a compile in each process (45-90 s there); pays on long runs; not with gradient_checkpointing", False)
+    dataloader_workers: int = documented("processes that fetch and collate the next batches while a step runs; 0 = the training process does it between steps", 0)
     bf16: bool = documented("bf16 autocast where the model computes in bf16 (CUDA, CPUs with native bf16); off for an fp32 model", True)
     logging_steps: int = documented("optimizer steps between progress lines", 10)
     eval_steps: int | None = documented("optimizer steps between evaluations; null = evaluate at the end only", None)
@@ -105,6 +108,8 @@ class TrainSettings:
         for name in ("per_device_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.dataloader_workers < 0:
+            problems.append(f"dataloader_workers must be 0 or more, got {self.dataloader_workers}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             problems.append(f"pad_to_multiple_of must be at least 1 (or null), got {self.pad_to_multiple_of}")
         if self.eval_steps is not None and self.eval_steps < 1:
@@ -271,43 +276,6 @@ def _attention_without_padding_mask(model: PreTrainedModel) -> Iterator[None]:
         model.set_attn_implementation("sdpa")
 
 
-class _LeanStepSFTTrainer(SFTTrainer):
-    """TRL's SFTTrainer without a per-step walk over the model's modules to count its parameters.
-
-    Trainer adds 6 x tokens x parameters to `total_flos` every step and counts the parameters afresh each time:
-    42 ms of Python per step of a 2,300-module QLoRA model on the H200's host, a tenth of the step. They do not change
-    during training, so they are counted once.
-    """
-
-    _parameters_without_embeddings: int | None = None
-
-    def floating_point_ops(self, inputs: dict) -> int:
-        main_input = getattr(self.model, "main_input_name", "input_ids")
-        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
-            return 0
-        if self._parameters_without_embeddings is None:
-            self._parameters_without_embeddings = self.model.num_parameters(exclude_embeddings=True)
-        return 6 * inputs[main_input].numel() * self._parameters_without_embeddings
-
-
-@contextlib.contextmanager
-def _mode_switches_only_when_needed(model: torch.nn.Module) -> Iterator[None]:
-    """`Trainer.training_step` calls `model.train()` before every step, which sets the flag on each of the ~2,300
-    modules through `nn.Module.__setattr__`: 22-37 ms of Python per step on the H200's host. While training, a switch
-    to the mode every module is in already only reads the flags."""
-
-    def train(mode: bool = True) -> torch.nn.Module:
-        if any(module.training != mode for module in model.modules()):
-            type(model).train(model, mode)
-        return model
-
-    model.train = train  # `eval()` goes through it too: nn.Module.eval calls self.train(False)
-    try:
-        yield
-    finally:
-        del model.train
-
-
 @contextlib.contextmanager
 def _compiled_decoder_layers(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
     """While training, every decoder layer runs through one `torch.compile`d graph (with the LoRA layers inside it).
@@ -316,8 +284,10 @@ def _compiled_decoder_layers(model: PreTrainedModel, enabled: bool) -> Iterator[
     autograd's Python; on an H200 the GPU idled most of the step. The layers share their code, so Dynamo compiles
     one graph for all of them (dynamic shapes: every batch length reuses it); the model's head, loss and optimizer
     stay eager. While gradients are on, the first layer's input is made to require grad like every other layer's, so
-    it needs no graph of its own (one compile fewer, for ~1/32 more input-gradient work). The layers go back to eager
-    afterwards, for generation and for the next user of the shared model.
+    it needs no graph of its own (one compile fewer, for ~1/32 more input-gradient work). A 4-bit model's NF4
+    projections compute through `nf4.traceable_4bit_linears`, so their dequantization is part of the graph instead of
+    bitsandbytes' Python. The layers go back to eager afterwards, for generation and for the next user of the
+    shared model.
     """
     if not enabled:
         yield
@@ -332,7 +302,8 @@ def _compiled_decoder_layers(model: PreTrainedModel, enabled: bool) -> Iterator[
     for layer in layers:
         layer.compile(dynamic=True)
     try:
-        yield
+        with traceable_4bit_linears(model):
+            yield
     finally:
         hook.remove()
         for layer in layers:
@@ -373,6 +344,9 @@ def _sft_config(settings: TrainSettings, checkpoint_dir: Path, device: str, opti
         report_to="none",
         use_cpu=device != "cuda",
         dataloader_pin_memory=device == "cuda",
+        # not persistent: Trainer would keep the evaluation loader, whose length-grouped sampler then splits the
+        # held-out rows into other batches at each evaluation (another mean loss from the same weights)
+        dataloader_num_workers=settings.dataloader_workers,
         # under DDP (launched training) every LoRA weight takes part in every step: no per-step search for unused ones
         ddp_find_unused_parameters=False,
     )
@@ -426,7 +400,7 @@ def train_lora(
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         progress = ProgressCallback(say)
-        trainer = _LeanStepSFTTrainer(
+        trainer = LeanStepSFTTrainer(
             model=peft_model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=tokenizer, callbacks=[progress],
         )
@@ -435,7 +409,7 @@ def train_lora(
             _supervised_positions_only_on_cpu(),
             _attention_without_padding_mask(model),
             _compiled_decoder_layers(model, settings.compile_layers),
-            _mode_switches_only_when_needed(peft_model),
+            cached_module_walks(peft_model),
         ):
             base_eval_loss = trainer.evaluate()["eval_loss"]  # LoRA B starts at zero: this is the base model
             say(f"base model eval loss {base_eval_loss:.4f}")
