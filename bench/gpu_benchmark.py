@@ -34,7 +34,6 @@ import torch
 from bench import gpu_metrics
 from bench.phi2_shape import EOS_ID, save_phi2_shape, synthetic_articles, synthetic_tokenized_xsum
 from phi2_assets.ml import generate, models
-from phi2_assets.ml.nf4 import block_absmax, dequantize_nf4
 from phi2_assets.ml.train import TrainSettings, expected_trainable_parameters, target_modules_for, train_lora
 from phi2_assets.profiles import PROFILES
 
@@ -55,7 +54,7 @@ BENCH_RUN = {"max_steps": STEPS, "logging_steps": LOGGED_EVERY, "save_steps": 10
 # the seed notebooks' recipe (TrainSettings' defaults): micro-batch 2 x grad-accum 8, dynamic padding, paged AdamW
 # 8-bit, gradient checkpointing, bf16 autocast
 SEED = dataclasses.replace(TrainSettings(), **BENCH_RUN)
-# the phi2 profile's: 16 x 1, length-grouped, padded to a multiple of 64, no checkpointing, fused AdamW
+# the phi2 profile's: 16 x 1, length-grouped, padded to a multiple of 64, no checkpointing, fused AdamW, two loader workers
 BEST = dataclasses.replace(PROFILES["phi2"].train, **BENCH_RUN)
 RECIPES: dict[str, TrainSettings] = {
     "seed": SEED,
@@ -164,17 +163,6 @@ def load_inputs() -> Inputs:
     return Inputs(spec, model_dir, tokenizer, model, train, evaluation, lengths, flops_per_token)
 
 
-def check_traceable_nf4(model) -> dict:
-    """`nf4.dequantize_nf4` (what compiled layers decode each projection with) against bitsandbytes' CUDA kernel."""
-    import bitsandbytes.functional as bnb_functional
-    from bitsandbytes.nn import Linear4bit
-
-    states = [(module.weight.data, module.weight.quant_state) for module in model.modules() if isinstance(module, Linear4bit)]
-    equal = sum(torch.equal(dequantize_nf4(packed, block_absmax(state), state.code, state.shape, torch.bfloat16),
-                            bnb_functional.dequantize_4bit(packed, state)) for packed, state in states)
-    return {"projections": len(states), "bit_equal": equal}
-
-
 def save_details() -> None:
     (OUT / "h200-details.json").write_text(json.dumps(details, indent=1, default=str))
 
@@ -259,7 +247,7 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
     steady = steady_rate(lines, artifact.tokens_seen)
     tok_s = steady.get("steady_tok_s", artifact.tokens_per_second)
     result = {
-        "settings": {k: getattr(settings, k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free", "pad_to_multiple_of", "compile_layers", "bf16", "optimizer")},
+        "settings": {k: getattr(settings, k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free", "pad_to_multiple_of", "compile_layers", "dataloader_workers", "bf16", "optimizer")},
         "fused_gelu": name != "seed",
         "tok_s": round(tok_s),
         "tok_s_end_to_end": round(artifact.tokens_per_second),
@@ -379,7 +367,6 @@ def main() -> None:
     details["profile_generation_path"] = PROFILE_GENERATION_PATH
     details["data"] = {"train_rows": len(train), "mean_tokens": round(float(np.mean(lengths)), 1), "max_tokens": max(lengths),
                        "flops_per_token": flops_per_token}
-    phase("nf4_decodes_as_bitsandbytes", 30, lambda: details.__setitem__("nf4_decodes_as_bitsandbytes", check_traceable_nf4(model)))
     phase("packed_equals_padded", 60, lambda: details.__setitem__("packed_equals_padded", check_packed_equals_padded(model, train)))
     # one-time costs (the decoder layers' compile, TRL's Triton log-prob kernels, the allocator's growth) land here,
     # not in the first measured recipe: a run of 8 steps measured 4,480 tok/s for a recipe that came first

@@ -6,7 +6,7 @@ Per part: wall time against summed GPU kernel time (how far the GPU is kept busy
 attention, NF4 dequantisation, the rest), and the top kernels. Optional trials time recipe variants side by side.
 
     PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--profile-recipes best best_compiled]
-        [--trials best best_compiled best_compiled_bnb_kernels best_compiled_graphs ...] [--generation-trials] [--skip-generation-profile] [--generation-only]
+        [--trials best best_compiled best_compiled_stock_trainer best_compiled_cpp_wrapper ...] [--generation-trials] [--skip-generation-profile] [--generation-only]
 
 Writes $OUT/h200-profile.json after every part.
 """
@@ -52,19 +52,18 @@ TRIALS = {  # name: (settings, attention implementation, SDPA kernels or None fo
     "best_dynamic_padding": (bench.RECIPES["dynamic_padding"], "sdpa", None),
     "no_lora_dropout": (dataclasses.replace(bench.RECIPES["best"], lora_dropout=0.0), "sdpa", None),
     "flex_padding_free": (bench.RECIPES["padding_free"], "flex_attention", None),
-    "best_workers": (dataclasses.replace(bench.RECIPES["best"], dataloader_workers=2), "sdpa", None),
-    "best_compiled_workers": (dataclasses.replace(bench.RECIPES["best_compiled"], dataloader_workers=2), "sdpa", None),
+    # batches fetched and collated by the training process between steps, as before the profile's two workers
+    "best_without_workers": (dataclasses.replace(bench.RECIPES["best"], dataloader_workers=0), "sdpa", None),
+    "best_compiled_without_workers": (dataclasses.replace(bench.RECIPES["best_compiled"], dataloader_workers=0), "sdpa", None),
 }
 # "best_compiled" + this: the compiled layers replayed as CUDA graphs (mode reduce-overhead); fails in torch 2.11 ("accessing
 # tensor output of CUDAGraphs that has been overwritten by a subsequent run")
 GRAPHED = "_graphs"
-# a compiled recipe + this: its NF4 projections call bitsandbytes' kernels inside the graph, as before item 19
-BNB_KERNELS = "_bnb_kernels"
 # any recipe + this: TRL's own SFTTrainer and the model's own train() and zero_grad(), without `lean_steps`
 STOCK_TRAINER = "_stock_trainer"
 # a compiled recipe + this: Inductor writes each graph's launching code in C++ instead of Python
 CPP_WRAPPER = "_cpp_wrapper"
-VARIANTS = (GRAPHED, BNB_KERNELS, STOCK_TRAINER, CPP_WRAPPER)
+VARIANTS = (GRAPHED, STOCK_TRAINER, CPP_WRAPPER)
 COMPILE_ARGUMENTS = {GRAPHED: {"mode": "reduce-overhead"}, CPP_WRAPPER: {"options": {"cpp_wrapper": True}}}
 # host-side phases of a training step, annotated while profiling: (class path, method) -> label
 HOST_PHASES = {
@@ -203,22 +202,6 @@ def profile_training(recipe: str, model, tokenizer, train, evaluation, python: b
 
 
 @contextlib.contextmanager
-def bitsandbytes_kernels(enabled: bool):
-    """Compiled layers leave bitsandbytes' `Linear4bit.forward` in place instead of tracing `nf4.dequantize_nf4`."""
-    if not enabled:
-        yield
-        return
-    from phi2_assets.ml import train
-
-    traceable = train.traceable_4bit_linears
-    train.traceable_4bit_linears = lambda model: contextlib.nullcontext(0)
-    try:
-        yield
-    finally:
-        train.traceable_4bit_linears = traceable
-
-
-@contextlib.contextmanager
 def stock_trainer(enabled: bool):
     """`train_lora` with TRL's SFTTrainer and the model's own per-step walks instead of `lean_steps`'."""
     if not enabled:
@@ -258,7 +241,7 @@ def trial(name: str, model, tokenizer, train, evaluation, flops_per_token: float
     model.set_attn_implementation(attention)
     try:
         with (bench.sdpa_backends(backends), compile_arguments(COMPILE_ARGUMENTS.get(name.removeprefix(base))),
-              bitsandbytes_kernels(name.endswith(BNB_KERNELS)), stock_trainer(name.endswith(STOCK_TRAINER))):
+              stock_trainer(name.endswith(STOCK_TRAINER))):
             result = bench.train_recipe(name, settings, model, tokenizer, train, evaluation, flops_per_token)
     finally:
         model.set_attn_implementation("sdpa")
@@ -305,7 +288,7 @@ def main() -> None:
     parser.add_argument("--python-profile", action="store_true", help="profile the training steps with cProfile (Python functions) instead of torch's profiler")
     compiled = [name for name in TRIALS if TRIALS[name][0].compile_layers]
     trial_names = (list(TRIALS) + ["best_compiled" + GRAPHED] + [name + STOCK_TRAINER for name in TRIALS]
-                   + [name + suffix for name in compiled for suffix in (BNB_KERNELS, CPP_WRAPPER)])
+                   + [name + CPP_WRAPPER for name in compiled])
     parser.add_argument("--trials", nargs="*", default=[], choices=trial_names, help="recipe variants to time after the profile (repeat names to alternate)")
     parser.add_argument("--generation-trials", action="store_true", help="time 500 summaries with PyTorch's attention kernel and without cuDNN")
     parser.add_argument("--skip-generation-profile", action="store_true")
@@ -338,8 +321,6 @@ def main() -> None:
 def profile_and_time_training(args: argparse.Namespace) -> None:
     """The training profiles and trials on the 4-bit model, which goes when this returns."""
     inputs = bench.load_inputs()
-    report["nf4_decodes_as_bitsandbytes"] = bench.check_traceable_nf4(inputs.model)
-    print(f"nf4: {report['nf4_decodes_as_bitsandbytes']}", flush=True)
     for recipe in args.profile_recipes:
         bench.phase(f"profile training {recipe}", 300, lambda recipe=recipe: profile_training(
             recipe, inputs.model, inputs.tokenizer, inputs.train, inputs.evaluation, args.python_profile))

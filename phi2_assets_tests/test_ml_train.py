@@ -7,11 +7,10 @@ import datasets
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM
 
 from phi2_assets.ml import models, sources
 from phi2_assets.ml.lean_steps import cached_module_walks
-from phi2_assets.ml.nf4 import block_absmax, dequantize_nf4
 from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
 from phi2_assets.ml.train import (
     TARGET_MODULES_BY_ARCHITECTURE, TrainSettings, expected_trainable_parameters,
@@ -119,31 +118,6 @@ def test_compiled_layers_learn_what_eager_layers_learn(tiny, tmp_path):
     assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-4)
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
     assert not model.get_input_embeddings()._forward_hooks
-
-
-def test_compiled_4bit_layers_decode_and_learn_as_bitsandbytes_does(tiny, tmp_path):
-    """On an NF4 model (bitsandbytes runs on CPU too), compiled layers decode each projection's weight in the graph:
-    bit for bit bitsandbytes' own dequantization, and the same losses as its eager layers."""
-    import bitsandbytes.functional as bnb_functional
-    from bitsandbytes.nn import Linear4bit
-
-    _, tokenizer, train, validation = tiny
-    _, model_dir = tiny_phi()
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quantization, device_map={"": "cpu"})
-    linears = [module for module in model.modules() if isinstance(module, Linear4bit)]
-    assert linears and all(module.weight.quant_state.nested for module in linears)
-    for module in linears:
-        state = module.weight.quant_state
-        decoded = dequantize_nf4(module.weight.data, block_absmax(state), state.code, state.shape, torch.bfloat16)
-        assert torch.equal(decoded, bnb_functional.dequantize_4bit(module.weight.data, state))
-
-    settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
-    compiled = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, compile_layers=True), tmp_path / "compiled", tmp_path / "checkpoints")
-    assert all("forward" not in module.__dict__ and not dict(module.named_buffers()) for module in linears), "bitsandbytes' layers come back"
-    eager = train_lora(model, tokenizer, train, validation, settings, tmp_path / "eager", tmp_path / "checkpoints")
-    assert compiled.train_losses == pytest.approx(eager.train_losses, rel=1e-4)
-    assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-4)
 
 
 def test_dataloader_workers_train_and_evaluate_on_the_same_batches(tiny, tmp_path):

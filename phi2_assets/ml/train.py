@@ -34,7 +34,6 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
 from phi2_assets.ml import models
-from phi2_assets.ml.nf4 import traceable_4bit_linears
 from phi2_assets.ml.atomic import atomic_path
 from phi2_assets.ml.lean_steps import LeanStepSFTTrainer, cached_module_walks
 from phi2_assets.ml.settings import documented
@@ -284,10 +283,8 @@ def _compiled_decoder_layers(model: PreTrainedModel, enabled: bool) -> Iterator[
     autograd's Python; on an H200 the GPU idled most of the step. The layers share their code, so Dynamo compiles
     one graph for all of them (dynamic shapes: every batch length reuses it); the model's head, loss and optimizer
     stay eager. While gradients are on, the first layer's input is made to require grad like every other layer's, so
-    it needs no graph of its own (one compile fewer, for ~1/32 more input-gradient work). A 4-bit model's NF4
-    projections compute through `nf4.traceable_4bit_linears`, so their dequantization is part of the graph instead of
-    bitsandbytes' Python. The layers go back to eager afterwards, for generation and for the next user of the
-    shared model.
+    it needs no graph of its own (one compile fewer, for ~1/32 more input-gradient work). The layers go back to eager
+    afterwards, for generation and for the next user of the shared model.
     """
     if not enabled:
         yield
@@ -302,8 +299,7 @@ def _compiled_decoder_layers(model: PreTrainedModel, enabled: bool) -> Iterator[
     for layer in layers:
         layer.compile(dynamic=True)
     try:
-        with traceable_4bit_linears(model):
-            yield
+        yield
     finally:
         hook.remove()
         for layer in layers:
