@@ -331,11 +331,11 @@ def teacher_forcing_probes(tokenizer, articles: list[str], settings, count: int 
 
 
 def next_token_logprobs(model, prompts: list[list[int]]) -> dict:
-    """Log-probs of every next token over the prompts, one at a time (no padding), on the GPU."""
+    """Log-probs of every next token over the prompts, one at a time (no padding), on the model's device."""
     logprobs = []
     with torch.inference_mode():
         for ids in prompts:
-            logits = model(input_ids=torch.tensor([ids], device="cuda"), use_cache=False).logits[0].float()
+            logits = model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[0].float()
             logprobs.append(torch.log_softmax(logits, -1))
     return {"logprobs": logprobs}
 
