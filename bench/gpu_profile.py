@@ -203,7 +203,7 @@ def profile_training(recipe: str, model, tokenizer, train, evaluation, python: b
 
 @contextlib.contextmanager
 def stock_trainer(enabled: bool):
-    """`train_lora` with TRL's SFTTrainer and the model's own per-step walks instead of `lean_steps`'."""
+    """`train_lora` with TRL's own SFTTrainer and the model's own `train()` and `zero_grad()`: `lean_steps` undone."""
     if not enabled:
         yield
         return
