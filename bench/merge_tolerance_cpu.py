@@ -20,17 +20,17 @@ import time
 
 import torch
 from peft import PeftModel
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from bench.gpu_benchmark import agreement, compare_logprobs, next_token_logprobs, teacher_forcing_probes
 from phi2_assets.ml import generate, models, scoring, sources
 from phi2_assets.profiles import PROFILES, data_dir
 
-NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+# the project's 4-bit loading (NF4, double quantization, bf16 compute), here on bitsandbytes' CPU kernels
+NF4_ON_CPU = models.Precision("cpu", torch.bfloat16, True, "NF4 on CPU: bitsandbytes' CPU kernels")
 
 
-def load(path: str, model_dir: str, adapter: str):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=NF4, device_map={"": "cpu"})
+def load(path: str, spec: models.ModelSpec, model_dir: str, adapter: str):
+    model = models.load_model(spec, model_dir, NF4_ON_CPU)
     if path != "4bit_lora":
         model = model.dequantize(dtype=torch.bfloat16)  # before any forward: bitsandbytes repacks CPU weights on first use
     with_adapter = PeftModel.from_pretrained(model, adapter)
@@ -52,7 +52,7 @@ def main() -> None:
     report: dict = {"articles": len(articles), "adapter": args.adapter, "settings": str(settings), "paths": {}}
     outputs, reference_logprobs = {}, None
     for path in ("4bit_lora", "bf16_lora", "bf16_merged"):
-        model = load(path, model_dir, args.adapter)
+        model = load(path, profile.model, model_dir, args.adapter)
         logprobs = next_token_logprobs(model, probes)
         started = time.perf_counter()
         result = generate.generate_summaries(model, tokenizer, articles, settings)
