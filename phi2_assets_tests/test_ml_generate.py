@@ -6,11 +6,8 @@ import pytest
 import torch
 
 from phi2_assets.ml import models, sources
-from phi2_assets.ml.batch_planning import cache_length, quickest_batches
-from phi2_assets.ml.generate import GenerationSettings, _generation_config, generate_summaries, load_merged_bf16, stop_token_ids
+from phi2_assets.ml.generate import GenerationSettings, generate_summaries, load_merged_bf16, stop_token_ids
 from phi2_assets.ml.models import adapted
-from phi2_assets.ml.static_decoding import greedy_static
-from phi2_assets.ml.tokenization import encode_prompts
 from phi2_assets_tests.conftest import tiny_phi
 
 SETTINGS = GenerationSettings(max_new_tokens=12, batch_size=3, max_prompt_tokens=200)
@@ -106,53 +103,3 @@ def test_merged_weights_generate_what_the_unmerged_adapter_does(tiny, adapter_di
 def test_impossible_settings_are_refused(change, message):
     with pytest.raises(ValueError, match=message):
         dataclasses.replace(SETTINGS, **change)
-
-
-def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives_however_prefill_is_chunked(tiny):
-    _, _, model, tokenizer, articles = tiny
-    model.eval()
-    stops = stop_token_ids(tokenizer, model)
-    # prompts of 178 to 500 tokens: chunks pad to different widths
-    prompts = sorted(encode_prompts(tokenizer, "seed", articles, 500), key=len)
-    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
-    config = _generation_config(SETTINGS, stops, tokenizer.pad_token_id)  # greedy, 12 new tokens, at least 1
-    columns = padded["input_ids"].shape[1]
-    with torch.inference_mode():
-        reference = model.generate(**padded, generation_config=config)[:, columns:].tolist()
-        ours = [greedy_static(model, padded["input_ids"], padded["attention_mask"], 12, stops, cache_length(columns, 12), cuda_graph=True,
-                              prefill_chunk_tokens=chunk).tolist() for chunk in (16_384, 900)]  # one prefill; chunks of 1-3 rows
-
-    def until_stop(tokens):
-        return tokens[: next((i + 1 for i, token in enumerate(tokens) if token in stops), len(tokens))]
-
-    assert [until_stop(row) for row in ours[0]] == [until_stop(row) for row in ours[1]] == [until_stop(row) for row in reference]
-    assert any(len(until_stop(row)) > 1 for row in reference)  # the comparison covers decoding steps, not only prefill
-
-
-def test_quickest_batches_trade_padding_against_decoding_steps():
-    lengths = [100, 10, 30, 20, 500]
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)  # 10, 20, 30, 100, 500
-    # when a decoding step's fixed cost dominates, as few batches as memory allows: caches round up to 64 slots,
-    # three short prompts take 3 x 64 of 256; with the 100-token one each row needs 128
-    assert quickest_batches(lengths, order, 10, token_slots=256, prefill_cost=0, step_cost=1e9, cache_cost=1) == [[1, 3, 2], [0], [4]]
-    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=1e9, cache_cost=1) == [[1, 3, 2, 0, 4]]
-    # when padding costs more than a batch's decoding steps, the long prompt goes alone though memory would take all
-    assert quickest_batches([10, 10, 10, 10, 500], range(5), 10, token_slots=10_000, prefill_cost=1, step_cost=100, cache_cost=1) == [[0, 1, 2, 3], [4]]
-    # without a per-step cost nothing is worth padding for
-    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=0, cache_cost=1) == [[1], [3], [2], [0], [4]]
-    assert quickest_batches([], [], 10, token_slots=256, prefill_cost=1, step_cost=1, cache_cost=1) == []
-
-
-def test_loaded_phi_rotates_through_the_fused_attention_and_computes_what_transformers_phi_does(tiny):
-    from transformers import AutoModelForCausalLM
-
-    from phi2_assets.ml.rotary import FusedRotaryPhiAttention
-
-    _, model_dir, model, tokenizer, articles = tiny
-    stock = AutoModelForCausalLM.from_pretrained(model_dir, dtype=model.dtype, attn_implementation="sdpa").eval()
-    models.fuse_tanh_gelu(stock)  # the loader's other swap, so that only the attention class differs
-    assert all(type(layer.self_attn) is FusedRotaryPhiAttention for layer in model.model.layers)
-    assert not any(isinstance(module, FusedRotaryPhiAttention) for module in stock.modules())
-    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64)
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits, stock(**batch).logits)

@@ -10,7 +10,6 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from phi2_assets.ml import models, sources
-from phi2_assets.ml.lean_steps import cached_module_walks
 from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
 from phi2_assets.ml.train import (
     TARGET_MODULES_BY_ARCHITECTURE, TrainSettings, expected_trainable_parameters,
@@ -91,35 +90,6 @@ def test_padding_to_a_multiple_changes_nothing_learned(tiny, tmp_path):
     assert padded.tokens_seen == longest.tokens_seen
 
 
-def test_training_without_the_padding_mask_learns_what_the_masked_model_learns(tiny, tmp_path):
-    """On SDPA, training drops the padding part of the attention mask (TRL pads on the right; no real token of a causal
-    model sees a later position): losses equal those of the eager model under its full padding mask."""
-    model, tokenizer, train, validation = tiny
-    settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
-    model.set_attn_implementation("eager")
-    try:
-        masked = train_lora(model, tokenizer, train, validation, settings, tmp_path / "eager", tmp_path / "checkpoints")
-    finally:
-        model.set_attn_implementation("sdpa")
-    unmasked = train_lora(model, tokenizer, train, validation, settings, tmp_path / "sdpa", tmp_path / "checkpoints")
-    assert unmasked.train_losses == pytest.approx(masked.train_losses, rel=1e-4)
-    assert unmasked.eval_loss == pytest.approx(masked.eval_loss, rel=1e-4)
-    assert model.config._attn_implementation == "sdpa", "the model comes back on plain SDPA"
-
-
-def test_compiled_layers_learn_what_eager_layers_learn(tiny, tmp_path):
-    """`compile_layers` runs every decoder layer through one torch.compile graph (Inductor's C++ on this CPU): the
-    same losses as eager layers, and the shared model comes back with eager layers and no input hook."""
-    model, tokenizer, train, validation = tiny
-    settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
-    eager = train_lora(model, tokenizer, train, validation, settings, tmp_path / "eager", tmp_path / "checkpoints")
-    compiled = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, compile_layers=True), tmp_path / "compiled", tmp_path / "checkpoints")
-    assert compiled.train_losses == pytest.approx(eager.train_losses, rel=1e-4)
-    assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-4)
-    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
-    assert not model.get_input_embeddings()._forward_hooks
-
-
 def test_dataloader_workers_train_and_evaluate_on_the_same_batches(tiny, tmp_path):
     """Batches fetched by worker processes are the training process's own: the same losses, and the same held-out
     batches at every evaluation (a kept evaluation loader would regroup them)."""
@@ -129,27 +99,6 @@ def test_dataloader_workers_train_and_evaluate_on_the_same_batches(tiny, tmp_pat
     workers = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, dataloader_workers=2), tmp_path / "workers", tmp_path / "checkpoints")
     assert workers.train_losses == in_process.train_losses
     assert (workers.base_eval_loss, workers.eval_loss) == (in_process.base_eval_loss, in_process.eval_loss)
-
-
-def test_cached_module_walks_still_switch_modes_and_clear_gradients():
-    """Training skips `model.train()` when every module is in train mode already, but a real switch (evaluation, or
-    a module left in another mode) still reaches every module; `zero_grad()` clears the trainable parameters'
-    gradients; the model's own methods come back afterwards."""
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(2, 1)))
-    model[0].requires_grad_(False)
-    with cached_module_walks(model):
-        model.eval()
-        assert not any(module.training for module in model.modules())
-        model.train()
-        assert all(module.training for module in model.modules())
-        model[1][0].eval()
-        model.train()
-        assert all(module.training for module in model.modules())
-        model(torch.ones(3, 2)).sum().backward()
-        assert model[1][1].weight.grad is not None
-        model.zero_grad()
-        assert all(p.grad is None for p in model.parameters())
-    assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
@@ -179,7 +128,8 @@ def _interrupt_at_step_3(line: str) -> None:
 
 def test_settings_reject_impossible_values():
     for bad in ({"learning_rate": 0}, {"lora_r": 0}, {"lora_dropout": 1.0}, {"max_steps": 0}, {"lr_scheduler": "sine"}, {"pad_to_multiple_of": 0},
-                {"compile_layers": True, "gradient_checkpointing": True}, {"dataloader_workers": -1}):
+                {"compile_layers": True, "gradient_checkpointing": True}, {"dataloader_workers": -1},
+                {"compile_layers": True, "speedups": False}):
         with pytest.raises(ValueError):
             TrainSettings(**bad)
 

@@ -17,11 +17,10 @@ import pandas as pd
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from phi2_assets.ml import models
-from phi2_assets.ml.batch_planning import cache_length, plan_batches
+from phi2_assets.ml import models, speedups
 from phi2_assets.ml.prompts import TEMPLATES, split_template
 from phi2_assets.ml.settings import documented
-from phi2_assets.ml.static_decoding import greedy_static
+from phi2_assets.ml.speedups import batch_planning, static_decoding
 from phi2_assets.ml.tokenization import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -30,6 +29,8 @@ EVALUATION_SPLITS = ("validation", "test")
 CACHE_KINDS = ("dynamic", "static")
 # How a newline looks inside vocabulary entries: raw (SentencePiece, Gemma), byte-level BPE (GPT-2, Phi), byte fallback.
 _NEWLINE_SPELLINGS = ("\n", "Ċ", "<0x0A>")
+# Prompts per generate call where `batch_size` is 0 and the batch planner does not choose (CPU, or speed-ups off).
+FIXED_BATCH = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +72,13 @@ class GenerationSettings:
     template: str = documented("prompt template; must be the one the adapter was trained with", "seed")
     max_new_tokens: int = documented("new tokens at most per summary (never max_length: the prompt does not count)", 60)
     num_beams: int = documented("beams; 1 = greedy", 1)
-    batch_size: int = documented("prompts per generate call; 0 = on CUDA the split of length-sorted prompts a cost model finds quickest within free memory (8 on CPU)", 0)
+    batch_size: int = documented("prompts per generate call; 0 = on CUDA with speed-ups the split of length-sorted prompts a cost model finds quickest within free memory, else 8", 0)
     max_prompt_tokens: int = documented("prompt budget; the article is truncated to fit, never the template", 1_066)
     sort_by_length: bool = documented("batch prompts of similar length together, shortest first (less padding, shorter caches); output keeps input order", True)
-    cache: str = documented("KV cache: `dynamic` (transformers' generate), or `static` (preallocated per batch, prefilled in chunks of similar length; greedy only)", "dynamic")
-    cuda_graph: bool = documented("with the static cache on CUDA, replay each decoding step as a CUDA graph (one launch a step)", True)
+    cache: str = documented("KV cache: `dynamic`, or `static` (preallocated per batch; with speed-ups prefilled in chunks of similar length; greedy only)", "dynamic")
+    cuda_graph: bool = documented("with the static cache and speed-ups on CUDA, replay each decoding step as a CUDA graph (one launch a step)", True)
     merged_bf16: bool = documented("evaluate on a bf16 copy of the base with the adapter merged in, instead of 4-bit + LoRA", False)
+    speedups: bool = documented("run the speed-ups of phi2_assets.ml.speedups (same summaries); false = transformers' generate as shipped", True)
 
     def __post_init__(self) -> None:
         split_template(self.template)  # raises for an unknown template
@@ -145,9 +147,14 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -
     return sorted(ids | {i for i, text in zip(candidates, decoded) if "\n" in text})
 
 
+def _decodes_statically(settings: GenerationSettings) -> bool:
+    return settings.cache == "static" and settings.speedups and static_decoding.available()
+
+
 def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id: int) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
+        cache_implementation="static" if settings.cache == "static" else None,
         min_new_tokens=1,  # no summary may end before it starts (a leading newline or EOS)
         num_beams=settings.num_beams,
         do_sample=False,
@@ -164,11 +171,13 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], config: Generati
     # left padding for batched decoding: every prompt ends where generation starts
     padded = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt").to(model.device)
     columns = padded["input_ids"].shape[1]
-    if settings.cache == "static":
-        new_tokens = greedy_static(model, padded["input_ids"], padded["attention_mask"], config.max_new_tokens, stop_ids,
-                                   cache_length(columns, config.max_new_tokens), settings.cuda_graph).tolist()
-    else:
-        new_tokens = model.generate(**padded, generation_config=config)[:, columns:].tolist()  # left padding: new tokens start at one column
+    if _decodes_statically(settings):
+        cache_length = batch_planning.cache_length(columns, config.max_new_tokens)
+        new_tokens = static_decoding.greedy_static(model, padded["input_ids"], padded["attention_mask"],
+                                                   config.max_new_tokens, stop_ids, cache_length,
+                                                   settings.cuda_graph).tolist()
+    else:  # left padding: the new tokens start at one column
+        new_tokens = model.generate(**padded, generation_config=config)[:, columns:].tolist()
     stop_set = set(stop_ids)
     records = []
     for prompt, tokens in zip(prompts, new_tokens):
@@ -211,21 +220,20 @@ def generate_summaries(
     prompts = encode_prompts(tokenizer, settings.template, articles, settings.max_prompt_tokens)
     lengths = [len(p) for p in prompts]
     order = sorted(range(len(prompts)), key=lengths.__getitem__) if settings.sort_by_length else list(range(len(prompts)))
-    static = settings.cache == "static"
-    batches = plan_batches(model, lengths, order, settings.max_new_tokens, settings.batch_size, settings.num_beams,
-                           chunked_prefill=static, graphed_steps=static and settings.cuda_graph)
+    batches = _batches(model, lengths, order, settings)
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
     records: list[GenerationRecord | None] = [None] * len(prompts)
+    batch_seconds: list[float] = []
+    done = 0
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            done, batch_seconds = 0, []
+        with torch.inference_mode(), speedups.for_generation(model, settings.speedups):
             for chosen in batches:
                 batch_started = time.perf_counter()
                 batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, stop_ids, settings)
-                batch_seconds.append(time.perf_counter() - batch_started)  # the batch's tokens came back to the host: it is done
+                batch_seconds.append(time.perf_counter() - batch_started)  # its tokens are on the host: it is done
                 for index, record in zip(chosen, batch):
                     records[index] = record
                 done += len(chosen)
@@ -233,15 +241,26 @@ def generate_summaries(
                     on_progress(done, len(order))
     finally:
         model.train(was_training)
-    return GenerationResult(records=list(records), seconds=time.perf_counter() - started, batch_sizes=[len(b) for b in batches],
-                            batch_seconds=batch_seconds)
+    return GenerationResult(records=list(records), seconds=time.perf_counter() - started,
+                            batch_sizes=[len(b) for b in batches], batch_seconds=batch_seconds)
+
+
+def _batches(model: PreTrainedModel, lengths: list[int], order: list[int], settings: GenerationSettings) -> list[list[int]]:
+    """Prompt indices per generate call: fixed batches of `batch_size`, or with `batch_size: 0` on CUDA with
+    speed-ups the batch planner's split."""
+    if settings.batch_size == 0 and settings.speedups and model.device.type == "cuda":
+        static = _decodes_statically(settings)
+        return batch_planning.plan_batches(model, lengths, order, settings.max_new_tokens, settings.num_beams,
+                                           chunked_prefill=static, graphed_steps=static and settings.cuda_graph)
+    size = settings.batch_size or FIXED_BATCH
+    return [order[start:start + size] for start in range(0, len(order), size)]
 
 
 def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str | Path | None) -> PreTrainedModel:
     """A separate dense copy of the base with the adapter merged into its weights: no LoRA matmuls and no 4-bit
     dequantisation per decoding step. Where the base trains in 4-bit, the copy is the NF4 weights dequantized to
     bf16, the very weights the adapter was trained against: closer to 4-bit + LoRA than a merge into the original
-    bf16 checkpoint (docs/BENCHMARKS.md)."""
+    bf16 checkpoint (docs/PERFORMANCE.md, "Merged bf16 evaluation")."""
     precision = models.choose_precision(spec.load_in_4bit)
     model = models.load_model(spec, model_dir, precision)
     if precision.quantized_4bit:

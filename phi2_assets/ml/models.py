@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from torch.nn.attention import SDPBackend
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from phi2_assets.ml import rotary, sources
+from phi2_assets.ml import sources
 from phi2_assets.ml.atomic import atomic_path
 
 if TYPE_CHECKING:
@@ -31,11 +30,6 @@ MODEL_SOURCES = ("hub", "local", "gguf", "tiny")
 GGUF_MODEL_DIR = "gemma-3-270m"
 TINY_MODEL_DIR = "tiny-phi"
 TINY_END_OF_TEXT = "<|endoftext|>"
-# SDPA kernels for unmasked causal attention (training on right-padded batches, chunked prefill): cuDNN left out so
-# that flash runs, which computes half the scores and plans nothing per shape (cuDNN plans each new shape on the
-# host). A restriction, not an order: `sdpa_kernel(set_priority=True)` leaves its order in force after the block,
-# which sent masked decoding to the slower memory-efficient kernel (docs/BENCHMARKS.md).
-CAUSAL_SDPA_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,21 +126,7 @@ def load_model(spec: ModelSpec, model_dir: str, precision: Precision) -> PreTrai
     model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = model.generation_config.eos_token_id
-    fuse_tanh_gelu(model)
-    rotary.fuse_rotary(model)
     return model
-
-
-def fuse_tanh_gelu(model: PreTrainedModel) -> None:
-    """Swap Phi's `gelu_new` (the tanh GELU as eight elementwise ops, each kept for the backward pass) for
-    `F.gelu(approximate="tanh")`, the same function in one kernel: on the H200 a phi-2 QLoRA step ran 21% faster
-    with 29% less activation memory (docs/BENCHMARKS.md, GPU section)."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if isinstance(child, NewGELUActivation):
-                setattr(module, name, GELUTanh())
 
 
 def ensure_gguf_conversion(cache_dir: Path) -> Path:
@@ -223,8 +203,9 @@ def adapted(base: PreTrainedModel, adapter_path: str | Path) -> Iterator[PeftMod
 
 
 def restore_base_model(peft_model: PeftModel, requires_grad: dict[str, bool]) -> None:
-    """Undo what training did to the shared base model: LoRA layers (removed, not merged), TRL's fused-head
-    forward, activation checkpointing, the input-gradient hook, frozen parameters, train mode."""
+    """Undo what training did to the shared base model: LoRA layers (removed, not merged), the fused-head forward
+    TRL's SFTTrainer sets on the model instance, activation checkpointing, the input-gradient hook, frozen
+    parameters, train mode."""
     base = peft_model.unload()
     base.__dict__.pop("forward", None)  # TRL's fused LM head is an instance attribute over the class's forward
     if base.is_activation_checkpointing:

@@ -1,8 +1,10 @@
-"""LoRA fine-tuning of the base model with TRL's `SFTTrainer` on pre-tokenized prompt + summary sequences.
+"""LoRA fine-tuning of the base model with TRL's `SFTTrainer`, read top-down like TRL's `sft.py`:
+data -> PEFT config -> trainer -> evaluate / train / evaluate -> save -> artifact.
 
 The dataset comes from `tokenization.tokenize_dataset`: `input_ids` and `labels` with -100 on the prompt. TRL keeps a
-`labels` column as is, and its fused LM head projects only supervised positions, so the loss is on the summary alone.
-`train_lora` is a plain function: the asset calls it, and so do the benchmarks and tests.
+`labels` column as is, so the loss is on the summary alone. `train_lora` is a plain function: the asset calls it,
+and so do the benchmarks and tests. The speed-ups (`phi2_assets.ml.speedups`) wrap the trainer's run when the
+settings' `speedups` is on; with it off this is TRL, transformers and PEFT as shipped.
 """
 
 from __future__ import annotations
@@ -22,20 +24,13 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
-from torch.nn.attention import sdpa_kernel
-from transformers import (
-    AttentionInterface, PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback, set_seed,
-)
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from trl import SFTConfig, SFTTrainer
 
-from phi2_assets.ml import models
+from phi2_assets.ml import models, speedups
 from phi2_assets.ml.atomic import atomic_path
-from phi2_assets.ml.lean_steps import LeanStepSFTTrainer, cached_module_walks
 from phi2_assets.ml.settings import documented
 
 log = logging.getLogger(__name__)
@@ -50,16 +45,6 @@ TARGET_MODULES_BY_ARCHITECTURE: dict[str, tuple[str, ...]] = {
 CPU_OPTIMIZER = "adamw_torch"
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
-# SDPA under a mask that leaves out the padding: see `_attention_without_padding_mask`.
-RIGHT_PADDED_SDPA = "sdpa_right_padded"
-
-
-def _sdpa_mask_without_padding(*args, attention_mask=None, **kwargs):
-    return sdpa_mask(*args, attention_mask=None, **kwargs)
-
-
-AttentionInterface.register(RIGHT_PADDED_SDPA, sdpa_attention_forward)
-AttentionMaskInterface.register(RIGHT_PADDED_SDPA, _sdpa_mask_without_padding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +67,14 @@ class TrainSettings:
     padding_free: bool = documented("one unpadded row per batch; sdpa then masks a block-diagonal O(L^2) matrix, which only pays with flash-attention", False)
     group_by_length: bool = documented("batch sequences of similar length (less padding) instead of a uniformly random order", False)
     pad_to_multiple_of: int | None = documented("pad each batch to a multiple of this many positions: few distinct shapes, so CUDA kernels chosen per shape are reused; null = to the longest row", None)
-    compile_layers: bool = documented("compile the decoder layers with torch.compile: fused elementwise kernels and less Python per step (1.3x on an H200), for a compile in each process (45-90 s there); pays on long runs; not with gradient_checkpointing", False)
+    compile_layers: bool = documented("compile the decoder layers with torch.compile (a speed-up): less Python per step, for a compile in each process; pays on long GPU runs; not with gradient_checkpointing", False)
     dataloader_workers: int = documented("processes that fetch and collate the next batches while a step runs; 0 = the training process does it between steps", 0)
     bf16: bool = documented("bf16 autocast where the model computes in bf16 (CUDA, CPUs with native bf16); off for an fp32 model", True)
     logging_steps: int = documented("optimizer steps between progress lines", 10)
     eval_steps: int | None = documented("optimizer steps between evaluations; null = evaluate at the end only", None)
     save_steps: int = documented("optimizer steps between checkpoints (a re-run with the same config resumes from the last)", 50)
     seed: int = documented("seed for LoRA initialisation and data order", 42)
+    speedups: bool = documented("run the speed-ups of phi2_assets.ml.speedups (same results); false = TRL's SFTTrainer and transformers as shipped", True)
 
     def __post_init__(self) -> None:
         problems = []
@@ -114,8 +100,10 @@ class TrainSettings:
         if self.eval_steps is not None and self.eval_steps < 1:
             problems.append(f"eval_steps must be at least 1 (or null), got {self.eval_steps}")
         if self.compile_layers and self.gradient_checkpointing:
-            # torch 2.11's Inductor fails on checkpointed layers ("Node ... was invalid, but is output"; H200 run)
+            # Inductor fails on checkpointed layers ("Node ... was invalid, but is output")
             problems.append("compile_layers does not combine with gradient_checkpointing: choose one")
+        if self.compile_layers and not self.speedups:
+            problems.append("compile_layers is a speed-up: it needs speedups true")
         if self.lr_scheduler not in SCHEDULERS:
             problems.append(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
         if not 0 <= self.warmup_ratio < 1:
@@ -237,76 +225,13 @@ class ProgressCallback(TrainerCallback):
             self.say(f"step {state.global_step}: eval loss {logs['eval_loss']:.4f}")
 
 
-@contextlib.contextmanager
-def _supervised_positions_only_on_cpu() -> Iterator[None]:
-    """Make TRL's fused LM head project only positions with a label on CPU too.
-
-    TRL compacts to labelled positions only on Triton devices, because elsewhere a changing number of positions
-    recompiles XLA graphs; eager CPU has no such cost. With Gemma's 262k-word head and a prompt ten times longer
-    than the summary, scoring every position is most of a step.
-    """
-    import trl.trainer.utils as trl_utils
-
-    triton_only = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: device.type == "cpu" or triton_only(device)
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = triton_only
-
-
-@contextlib.contextmanager
-def _attention_without_padding_mask(model: PreTrainedModel) -> Iterator[None]:
-    """While training, a model on SDPA attends under its causal (and any sliding-window) mask without the padding.
-
-    TRL's collator pads on the right, and in a causal model no real token attends to a later position, so the padding
-    part of the mask changes nothing a labelled position computes (pads carry no label). Without it SDPA runs plain
-    causal attention in the flash kernel: half the scores of a masked kernel, and no per-shape plan on the host, which
-    cuDNN's masked kernel builds for every new batch shape (docs/BENCHMARKS.md).
-    """
-    if model.config._attn_implementation != "sdpa":
-        yield
-        return
-    model.set_attn_implementation(RIGHT_PADDED_SDPA)
-    try:
-        with sdpa_kernel(models.CAUSAL_SDPA_KERNELS):
-            yield
-    finally:
-        model.set_attn_implementation("sdpa")
-
-
-@contextlib.contextmanager
-def _compiled_decoder_layers(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
-    """While training, every decoder layer runs through one `torch.compile`d graph (with the LoRA layers inside it).
-
-    A QLoRA step of a 2.7B model launches thousands of small kernels, each behind PEFT's, bitsandbytes' and
-    autograd's Python; on an H200 the GPU idled most of the step. The layers share their code, so Dynamo compiles
-    one graph for all of them (dynamic shapes: every batch length reuses it); the model's head, loss and optimizer
-    stay eager. While gradients are on, the first layer's input is made to require grad like every other layer's, so
-    it needs no graph of its own (one compile fewer, for ~1/32 more input-gradient work). The layers go back to eager
-    afterwards, for generation and for the next user of the shared model.
-    """
-    if not enabled:
-        yield
-        return
-    layers = [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
-
-    def input_requires_grad(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if torch.is_grad_enabled():
-            output.requires_grad_(True)
-
-    hook = model.get_input_embeddings().register_forward_hook(input_requires_grad)
-    for layer in layers:
-        layer.compile(dynamic=True)
-    try:
-        yield
-    finally:
-        hook.remove()
-        for layer in layers:
-            layer._compiled_call_impl = None  # what `nn.Module.compile` set: the module calls its eager forward again
-
-
-def _sft_config(settings: TrainSettings, checkpoint_dir: Path, device: str, optimizer: str, compute_bf16: bool) -> SFTConfig:
+def _sft_config(settings: TrainSettings, checkpoint_dir: Path, model: PreTrainedModel,
+                say: Callable[[str], None]) -> SFTConfig:
+    device = model.device.type
+    optimizer = resolve_optimizer(settings.optimizer, device)
+    if optimizer != settings.optimizer:
+        say(f"optimizer {optimizer}: {settings.optimizer} needs CUDA (bitsandbytes)")
+    compute_bf16 = model.dtype == torch.bfloat16 or bool(getattr(model, "is_loaded_in_4bit", False))
     return SFTConfig(
         output_dir=str(checkpoint_dir),
         num_train_epochs=settings.epochs,
@@ -367,19 +292,50 @@ def train_lora(
     back as it was. Checkpoints go under `checkpoint_dir/<fingerprint of model, settings and data>`, so a re-run
     after an interruption resumes only when nothing changed; they are deleted once the adapter is saved."""
     say = on_log or log.info
-    device = model.device.type
     columns = ["input_ids", "labels"]
     train_dataset, eval_dataset = train_dataset.select_columns(columns), eval_dataset.select_columns(columns)
     targets = target_modules_for(model, settings)
-    expected = expected_trainable_parameters(model, targets, settings.lora_r)
     run_dir = Path(checkpoint_dir) / _fingerprint(model, settings, train_dataset, eval_dataset)
     last_checkpoint = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
-    compute_bf16 = model.dtype == torch.bfloat16 or bool(getattr(model, "is_loaded_in_4bit", False))
-    optimizer = resolve_optimizer(settings.optimizer, device)
-    config = _sft_config(settings, run_dir, device, optimizer, compute_bf16)
-    if optimizer != settings.optimizer:
-        say(f"optimizer {optimizer}: {settings.optimizer} needs CUDA (bitsandbytes)")
+    args = _sft_config(settings, run_dir, model, say)
+    with _lora_attached(model, settings, targets, say) as peft_model:
+        progress = ProgressCallback(say)
+        trainer = speedups.trainer_class(settings.speedups)(
+            model=peft_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            processing_class=tokenizer, callbacks=[progress],
+        )
+        trainer.remove_callback(PrinterCallback)  # it prints every log dict; ProgressCallback says it in one line
+        with speedups.for_training(model, peft_model, settings.speedups, settings.compile_layers):
+            run = _evaluate_train_evaluate(trainer, last_checkpoint, run_dir, say)
+        with atomic_path(Path(output_dir)) as staging:
+            peft_model.save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+        say(f"adapter saved to {output_dir}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
+    return _artifact(model, settings, targets, trainer, progress, run, last_checkpoint, Path(output_dir), args.optim)
 
+
+@dataclasses.dataclass(frozen=True)
+class _TrainingRun:
+    base_eval_loss: float
+    eval_loss: float
+    mean_train_loss: float
+    train_seconds: float
+    trainable_parameters: int
+    total_parameters: int
+
+
+def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters."""
+    parameters = list(model.parameters())
+    return sum(p.numel() for p in parameters if p.requires_grad), sum(p.numel() for p in parameters)
+
+
+@contextlib.contextmanager
+def _lora_attached(model: PreTrainedModel, settings: TrainSettings, targets: tuple[str, ...],
+                   say: Callable[[str], None]) -> Iterator[PeftModel]:
+    """`model` with fresh LoRA layers on `targets`, their count checked; the base comes back as it was."""
+    expected = expected_trainable_parameters(model, targets, settings.lora_r)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     set_seed(settings.seed)  # LoRA A is initialised randomly
     lora = LoraConfig(
@@ -388,47 +344,42 @@ def train_lora(
     )
     peft_model = get_peft_model(model, lora)
     try:
-        trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in peft_model.parameters())
+        trainable, total = _parameter_counts(peft_model)
         if trainable != expected:
             raise ValueError(f"LoRA trains {trainable:,} parameters, expected {expected:,} for {targets} at r={settings.lora_r}")
         say(f"LoRA r={settings.lora_r} on {', '.join(targets)}: {trainable:,} trainable of {total:,} ({trainable / total:.2%})")
-        if device == "cuda":
+        if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        progress = ProgressCallback(say)
-        trainer = LeanStepSFTTrainer(
-            model=peft_model, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=tokenizer, callbacks=[progress],
-        )
-        trainer.remove_callback(PrinterCallback)  # it prints every log dict; ProgressCallback says it in one line
-        with (
-            _supervised_positions_only_on_cpu(),
-            _attention_without_padding_mask(model),
-            _compiled_decoder_layers(model, settings.compile_layers),
-            cached_module_walks(peft_model),
-        ):
-            base_eval_loss = trainer.evaluate()["eval_loss"]  # LoRA B starts at zero: this is the base model
-            say(f"base model eval loss {base_eval_loss:.4f}")
-            if last_checkpoint:
-                say(f"resuming from {last_checkpoint}: same base model, settings and data as the interrupted run")
-            else:
-                say(f"no checkpoint for this configuration under {run_dir}: training from step 0")
-            started = time.monotonic()
-            outcome = trainer.train(resume_from_checkpoint=last_checkpoint)
-            train_seconds = time.monotonic() - started
-            eval_loss = _final_eval_loss(trainer)
-        with atomic_path(Path(output_dir)) as staging:
-            peft_model.save_pretrained(str(staging), safe_serialization=True)
-            tokenizer.save_pretrained(str(staging))
-        say(f"adapter saved to {output_dir}")
+        yield peft_model
     finally:
         models.restore_base_model(peft_model, requires_grad)
-    shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
 
-    state = trainer.state
+
+def _evaluate_train_evaluate(trainer: SFTTrainer, last_checkpoint: str | None, run_dir: Path,
+                             say: Callable[[str], None]) -> _TrainingRun:
+    """The base model's eval loss (LoRA B starts at zero), training (resumed when a checkpoint exists), and the
+    adapter's eval loss."""
+    base_eval_loss = trainer.evaluate()["eval_loss"]
+    say(f"base model eval loss {base_eval_loss:.4f}")
+    if last_checkpoint:
+        say(f"resuming from {last_checkpoint}: same base model, settings and data as the interrupted run")
+    else:
+        say(f"no checkpoint for this configuration under {run_dir}: training from step 0")
+    started = time.monotonic()
+    outcome = trainer.train(resume_from_checkpoint=last_checkpoint)
+    train_seconds = time.monotonic() - started
+    return _TrainingRun(base_eval_loss, _final_eval_loss(trainer), outcome.training_loss, train_seconds,
+                        *_parameter_counts(trainer.model))
+
+
+def _artifact(model: PreTrainedModel, settings: TrainSettings, targets: tuple[str, ...], trainer: SFTTrainer,
+              progress: ProgressCallback, run: _TrainingRun, last_checkpoint: str | None, output_dir: Path,
+              optimizer: str) -> AdapterArtifact:
+    state, device = trainer.state, model.device.type
     resumed_step = int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else 0
     train_points = [(entry["step"], entry["loss"]) for entry in state.log_history if "loss" in entry]
-    eval_points = [(entry["step"], entry["eval_loss"]) for entry in state.log_history if "eval_loss" in entry and entry["step"] > 0]
+    eval_points = [(entry["step"], entry["eval_loss"]) for entry in state.log_history
+                   if "eval_loss" in entry and entry["step"] > 0]
     session_tokens = state.num_input_tokens_seen - (progress.start[2] if progress.start else 0)
     return AdapterArtifact(
         path=str(output_dir),
@@ -436,21 +387,21 @@ def train_lora(
         target_modules=list(targets),
         lora_r=settings.lora_r,
         lora_alpha=settings.lora_alpha,
-        trainable_parameters=trainable,
-        total_parameters=total,
+        trainable_parameters=run.trainable_parameters,
+        total_parameters=run.total_parameters,
         steps=state.global_step,
         resumed_from_step=resumed_step,
-        final_train_loss=train_points[-1][1] if train_points else outcome.training_loss,
-        mean_train_loss=outcome.training_loss,
-        eval_loss=eval_loss,
-        base_eval_loss=base_eval_loss,
+        final_train_loss=train_points[-1][1] if train_points else run.mean_train_loss,
+        mean_train_loss=run.mean_train_loss,
+        eval_loss=run.eval_loss,
+        base_eval_loss=run.base_eval_loss,
         tokens_seen=int(state.num_input_tokens_seen),
-        tokens_per_second=session_tokens / max(train_seconds, 1e-9),
-        train_seconds=train_seconds,
-        seconds_per_step=train_seconds / max(state.global_step - resumed_step, 1),
+        tokens_per_second=session_tokens / max(run.train_seconds, 1e-9),
+        train_seconds=run.train_seconds,
+        seconds_per_step=run.train_seconds / max(state.global_step - resumed_step, 1),
         peak_memory_mb=_peak_memory_mb(device),
         peak_memory_kind="CUDA allocated" if device == "cuda" else "process peak RSS",
-        adapter_bytes=sum((Path(output_dir) / name).stat().st_size for name in ADAPTER_FILES),
+        adapter_bytes=sum((output_dir / name).stat().st_size for name in ADAPTER_FILES),
         device=device,
         optimizer=optimizer,
         train_loss_steps=[step for step, _ in train_points],

@@ -1,16 +1,18 @@
-"""Greedy decoding over a static KV cache sized for one batch, each decoding step replayed as a CUDA graph.
+"""Static decoding: greedy decoding over a static KV cache sized for one batch, each step replayed as a CUDA graph.
 
-transformers' `generate` launches every kernel of every step from Python (about 1,000 a step for Phi-2) and
-synchronises after each step; on an H200 that host time, not the GPU, set the pace of decoding (docs/BENCHMARKS.md).
-A CUDA graph replays one recorded step with a single launch. Recording needs fixed shapes and addresses: a
-`StaticCache` (its write index is a device tensor) and the step's inputs (token, position, attention mask) kept in
-buffers updated in place. Recording costs one step of host time; nothing is compiled.
-
+What: transformers' `generate` launches every kernel of every step from Python (about 1,000 a step for Phi-2) and
+synchronises after each step; on a fast GPU that host time, not the GPU, sets the pace of decoding. A CUDA graph
+replays one recorded step with a single launch. Recording needs fixed shapes and addresses: a `StaticCache` (its
+write index is a device tensor) and the step's inputs (token, position, attention mask) kept in buffers updated in
+place. Recording costs one step of host time; nothing is compiled.
 Prefill runs in chunks of consecutive rows (sorted by length when they arrive sorted), each padded only to its own
-longest prompt: a batch may then mix prompt lengths widely without computing the padding. A chunk runs left-aligned,
-padded on the right, so plain causal attention needs no padding mask and SDPA takes the flash kernel, which skips
-the masked half of the scores and plans nothing per shape (cuDNN plans each new shape on the host). Each layer
-writes its keys and values straight into the batch's cache, right-aligned as decoding needs them (docs/BENCHMARKS.md).
+longest prompt. A chunk runs left-aligned, padded on the right, so plain causal attention needs no padding mask
+and SDPA takes the flash kernel; each layer writes its keys and values straight into the batch's cache,
+right-aligned as decoding needs them.
+When it pays: batched greedy generation on CUDA. The tokens are `model.generate`'s (greedy, `min_new_tokens=1`).
+Knob: `cache: static` (greedy only) with `speedups: true`; `cuda_graph: false` decodes the same way eagerly. It
+writes `StaticCache` layers' fields directly, so it runs only on the verified transformers releases; elsewhere
+`cache: static` goes to `model.generate(cache_implementation="static")`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
-from phi2_assets.ml.models import CAUSAL_SDPA_KERNELS
+from phi2_assets.ml.speedups import guards
+from phi2_assets.ml.speedups.right_padded_sdpa import CAUSAL_SDPA_KERNELS
 
 log = logging.getLogger(__name__)
 # Eager steps before recording: the first decoding steps build cuDNN plans and cuBLAS workspaces, which must exist
@@ -30,8 +33,13 @@ log = logging.getLogger(__name__)
 _WARM_UP_STEPS = 2
 # Steps between checks that every row has stopped: each check waits for the GPU.
 _STOP_CHECK_EVERY = 8
-# Padded tokens per prefill forward: enough to keep an H200 busy, few enough that a chunk pads little.
+# Padded tokens per prefill forward: enough to keep a large GPU busy, few enough that a chunk pads little.
 PREFILL_CHUNK_TOKENS = 16_384
+
+
+
+def available() -> bool:
+    return guards.requires("static_decoding", transformers=guards.TRANSFORMERS)
 
 
 def greedy_static(

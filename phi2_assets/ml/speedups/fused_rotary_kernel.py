@@ -1,4 +1,4 @@
-"""The Triton kernel behind `rotary.rotate_queries_and_keys` on CUDA (imported only there: Triton needs a GPU).
+"""The Triton kernel behind `fused_rotary.rotate_queries_and_keys` on CUDA (imported only there: Triton needs a GPU).
 
 One program per (batch row, position) rotates every head of the query and the key: out[i] = x[i]·cos[i] −
 x[i + R/2]·sin[i] below R/2, x[i]·cos[i] + x[i − R/2]·sin[i] up to R, x[i] after. Each product and the sum are

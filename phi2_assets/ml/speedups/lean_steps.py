@@ -1,7 +1,13 @@
-"""Less host work per training step: what the Trainer redoes every step that a QLoRA model need not.
+"""Lean steps: less host work per training step, where the Trainer redoes every step what a LoRA model need not.
 
-A QLoRA step of Phi-2 is ~170 ms of GPU work behind ~250 ms of Python on the H200's host (docs/BENCHMARKS.md,
-GPU section), so every walk over the model's ~2,300 modules and every wait for the GPU shows in tokens/s.
+What: `LeanStepSFTTrainer` counts the parameters for the FLOP figure once, clips the LoRA gradients from a list taken
+once, and keeps the input-token count on the device until a log line or checkpoint reads it (Trainer's `.item()`
+made the host wait for the previous step's GPU work); `cached_module_walks` serves `model.train()` and
+`model.zero_grad()` from lists taken once.
+When it pays: on a GPU, where a QLoRA step of Phi-2 is a few hundred ms of Python around the GPU's work and every
+walk over the model's ~2,300 modules shows in tokens/s. Steps, losses and counted tokens are the stock trainer's.
+Knob: `speedups` of the training stage; it overrides Trainer's private `_clip_grad_norm`,
+`_track_num_input_tokens` and `_save_checkpoint`, so it runs only on the verified transformers and TRL releases.
 """
 
 from __future__ import annotations
@@ -10,7 +16,18 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+from transformers import Trainer
 from trl import SFTTrainer
+
+from phi2_assets.ml.speedups import guards
+
+_OVERRIDDEN = ("_clip_grad_norm", "_track_num_input_tokens", "_save_checkpoint", "_has_mixed_mesh_grads")
+
+
+def available() -> bool:
+    """The verified releases, with every Trainer method the lean trainer overrides or calls."""
+    return guards.requires("lean_steps", transformers=guards.TRANSFORMERS, trl=guards.TRL) and all(
+        hasattr(Trainer, name) for name in _OVERRIDDEN)
 
 
 class LeanStepSFTTrainer(SFTTrainer):
@@ -67,7 +84,7 @@ class LeanStepSFTTrainer(SFTTrainer):
 @contextlib.contextmanager
 def cached_module_walks(model: torch.nn.Module) -> Iterator[None]:
     """While inside, the two walks over every module that the Trainer makes each step read lists taken once:
-    `model.train()` (before every step; setting the flag on each module through `nn.Module.__setattr__` took 22-37 ms)
+    `model.train()` (before every step; it sets the flag on each module through `nn.Module.__setattr__`)
     only switches when some module is in the other mode, and `model.zero_grad()` (after every step) clears the
     gradients of the parameters that get any. The model's own methods come back afterwards."""
     modules = list(model.modules())

@@ -1,11 +1,13 @@
-"""Which prompts share a generate call: fixed batches, or on CUDA the split of length-sorted prompts that a model
-of generation time says is quickest, within free memory.
+"""Batch planner: on CUDA, prompts share a generate call where a model of generation time says the split of
+length-sorted prompts is quickest, within free memory.
 
 The model, in seconds: prefill computes rows x width padded tokens (2 FLOPs per parameter each; nothing to choose
 where prefill runs in chunks of similar length, as the static-cache path does, since then it computes each
 prompt's own tokens whatever the split), and each of up to `max_new_tokens` decoding steps pays a fixed cost
 (weights read and small kernels with CUDA graphs; the host's launches without) plus rows x cache length cached
 tokens read. Big batches pay the fixed cost fewer times; batches of similar length read less padding.
+Knob: `batch_size: 0` with `speedups: true` on a generation stage; a positive `batch_size` (or `speedups: false`)
+means fixed batches. Public torch and transformers APIs only: no version guard.
 """
 
 from __future__ import annotations
@@ -19,12 +21,10 @@ from transformers import PreTrainedModel
 # Share of free CUDA memory the KV cache and activations of one batch may take.
 _FREE_MEMORY_SHARE = 0.6
 _MAX_AUTO_BATCH = 512
-_CPU_BATCH = 8
 # A static cache's length is rounded up to this, so batches of similar length share shapes (cuDNN plans per shape).
 STATIC_CACHE_ROUNDING = 64
-# Fitted on an H200 (docs/BENCHMARKS.md, "Generation"): decoding reads the cache at ~4.5 TB/s (73 ns a Phi-2
-# token), prefill computes ~450 TFLOP/s (12.4 us a token), a CUDA-graphed step's fixed part is ~5 weight reads
-# (6.1 ms: ~1,000 small kernels), and an eager step is bound by the host's launches (21-31 ms).
+# The cost model's rates, fitted to H200 timings of Phi-2 generation (docs/PERFORMANCE.md, "Batch planner"): cache
+# reads and prefill FLOPs per second, a CUDA-graphed step's fixed part in weight reads, an eager step's host time.
 _CACHE_BYTES_PER_SECOND = 4.5e12
 _PREFILL_FLOPS_PER_SECOND = 450e12
 _GRAPHED_STEP_OVER_WEIGHT_READ = 5.0
@@ -57,13 +57,10 @@ def generation_memory_budget(model: PreTrainedModel) -> int:
     return int(free * _FREE_MEMORY_SHARE)
 
 
-def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, batch_size: int,
+def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence[int], max_new_tokens: int,
                  num_beams: int, chunked_prefill: bool, graphed_steps: bool) -> list[list[int]]:
-    """Prompt indices per generate call, in `order`: fixed batches of `batch_size` (0 = 8 on CPU), or on CUDA the
-    quickest split under the cost model within free memory (`quickest_batches`)."""
-    fixed = batch_size or (_CPU_BATCH if model.device.type != "cuda" else 0)
-    if fixed:
-        return [list(order[start:start + fixed]) for start in range(0, len(order), fixed)]
+    """Prompt indices per generate call, in `order`: the quickest split under the cost model within free CUDA
+    memory (`quickest_batches`)."""
     weight_read = model.get_memory_footprint() / _CACHE_BYTES_PER_SECOND
     return quickest_batches(
         lengths, order, max_new_tokens,

@@ -1,0 +1,65 @@
+"""Speed-ups: every technique that patches, subclasses or reaches into a library, one module each, each applied
+for the length of a stage by its `applied(...)` context.
+
+Each module says what it does, when it pays and what its knob is; docs/PERFORMANCE.md has the measured gains.
+A stage's `speedups: false` leaves all of them out and runs transformers, TRL and PEFT as shipped (`SFTTrainer`,
+`model.generate`, no patched classes); each technique also turns itself off, with one warning, outside the library
+versions it was verified against (`guards`).
+
+| module                    | stage      | what                                                          |
+|---------------------------|------------|---------------------------------------------------------------|
+| `tanh_gelu`               | both       | Phi's eight-op tanh GELU as one fused kernel                  |
+| `fused_rotary`            | both       | Phi's partial rotary embedding in one Triton kernel (CUDA)    |
+| `lean_steps`              | training   | less host work and no GPU waits between Trainer steps         |
+| `labelled_positions_cpu`  | training   | TRL's LM head on labelled positions only, on CPU too          |
+| `right_padded_sdpa`       | training   | causal flash attention without the padding mask               |
+| `compiled_layers`         | training   | decoder layers as one torch.compile graph (`compile_layers`)  |
+| `static_decoding`         | generation | static KV cache, chunked prefill, CUDA-graphed greedy steps   |
+| `batch_planning`          | generation | batch split by a cost model within free memory (`batch_size: 0`) |
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from transformers import PreTrainedModel
+from trl import SFTTrainer
+
+from phi2_assets.ml.speedups import (
+    compiled_layers, fused_rotary, labelled_positions_cpu, lean_steps, right_padded_sdpa, tanh_gelu,
+)
+
+
+def trainer_class(enabled: bool) -> type[SFTTrainer]:
+    """The trainer a training stage runs: the lean-step subclass, or TRL's own."""
+    return lean_steps.LeanStepSFTTrainer if enabled and lean_steps.available() else SFTTrainer
+
+
+@contextlib.contextmanager
+def for_training(base: PreTrainedModel, peft_model: PreTrainedModel, enabled: bool,
+                 compile_layers: bool) -> Iterator[None]:
+    """While inside, training of `peft_model` (LoRA on `base`) runs with every training speed-up `enabled` asks for;
+    the shared base model comes back as it was."""
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            stack.enter_context(tanh_gelu.applied(base))
+            stack.enter_context(fused_rotary.applied(base))
+            stack.enter_context(labelled_positions_cpu.applied())
+            stack.enter_context(right_padded_sdpa.applied(base))
+            if compile_layers:
+                stack.enter_context(compiled_layers.applied(base))
+            if lean_steps.available():
+                stack.enter_context(lean_steps.cached_module_walks(peft_model))  # after the swaps: it lists modules
+        yield
+
+
+@contextlib.contextmanager
+def for_generation(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
+    """While inside, generation with `model` runs with the module-level speed-ups (`static_decoding` and
+    `batch_planning` are chosen per call by `generate`)."""
+    with contextlib.ExitStack() as stack:
+        if enabled:
+            stack.enter_context(tanh_gelu.applied(model))
+            stack.enter_context(fused_rotary.applied(model))
+        yield

