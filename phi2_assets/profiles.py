@@ -91,16 +91,11 @@ PROFILES: dict[str, Profile] = {
         data=DataSourceSpec(kind="hub"),
         cleaning=CleaningSettings(train_samples=2_000, validation_samples=500, test_samples=None),
         tokenize=TokenizeSettings(max_length=1_126),
-        # The seed's effective batch (16) and learning rate, run the fastest way measured through train_lora on an
-        # H200 (docs/BENCHMARKS.md, GPU section): 16 sequences per pass in batches of similar length, padded to a
-        # multiple of 64 (at most 18 shapes in a real run; the benchmark's steps ran 6-12% faster than padded to the
-        # longest row), no activation checkpointing (about 70 GiB peak; on a 16 GB
-        # card turn gradient_checkpointing on: 7.5 GiB), no autocast (the 4-bit model already computes in bf16, and
-        # autocast's fp32 LayerNorm makes bitsandbytes return every projection in fp32), and torch's fused AdamW instead
-        # of the seed's paged 8-bit one, which launches a kernel per LoRA tensor (fp32 states: 190 MB for 23.6M LoRA
-        # weights). Two worker processes collate the next batches while a step runs (+4%). The decoder layers stay
-        # eager: compile_layers trains 1.25x faster once compiled, but its 45-90 s compile outweighs the 25-35 s it
-        # saves over this run's 375 steps; it pays from about 2.5x this many tokens.
+        # The seed's effective batch (16) and learning rate, run the fastest way measured (docs/PERFORMANCE.md): 16
+        # length-grouped sequences per pass padded to a multiple of 64, no activation checkpointing (on a 16 GB card
+        # turn gradient_checkpointing on), no autocast (the 4-bit model computes in bf16 already, and autocast's fp32
+        # LayerNorm makes bitsandbytes return fp32), torch's fused AdamW instead of the seed's paged 8-bit one, two
+        # loader workers; compile_layers stays off because its compile outweighs what it saves over 375 steps.
         train=TrainSettings(
             lora_r=16, lora_alpha=32, lora_dropout=0.05, learning_rate=2e-4, epochs=3, per_device_batch_size=16,
             gradient_accumulation_steps=1, optimizer="adamw_torch_fused", lr_scheduler="cosine", warmup_ratio=0.03,
@@ -109,9 +104,7 @@ PROFILES: dict[str, Profile] = {
         ),
         evaluation_set=EvaluationSetSettings(split="validation", samples=500),
         # the adapter merged into bf16 weights, batches from the cost model, a static KV cache per batch with chunked
-        # unmasked prefill, a fused rotary kernel and CUDA-graphed decoding steps: 86.7-93.5 summaries/s on an H200 on
-        # the benchmark's first pass, 95-98 once a process has generated, 67-82 on a fresh process's first pass;
-        # `merged_bf16: false` (exactly the trained 4-bit + LoRA) 39-49 (docs/BENCHMARKS.md)
+        # unmasked prefill and CUDA-graphed decoding steps (docs/PERFORMANCE.md)
         generation=GenerationSettings(
             max_new_tokens=60, num_beams=1, batch_size=0, max_prompt_tokens=1_066, cache="static", merged_bf16=True,
         ),

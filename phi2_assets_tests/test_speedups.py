@@ -188,3 +188,18 @@ def test_quickest_batches_trade_padding_against_decoding_steps():
     # without a per-step cost nothing is worth padding for
     assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=0, cache_cost=1) == [[1], [3], [2], [0], [4]]
     assert quickest_batches([], [], 10, token_slots=256, prefill_cost=1, step_cost=1, cache_cost=1) == []
+
+
+STAGES_WITH_SPEEDUPS = ("lora_adapter", "baseline_summaries", "finetuned_summaries")
+
+
+def test_the_tiny_graph_with_speedups_off_gives_the_results_of_the_graph_with_them_on(materialize):
+    selection = "*rouge_report"
+    stock_config = {"ops": {stage: {"config": {"speedups": False}} for stage in STAGES_WITH_SPEEDUPS}}
+    fast, stock = materialize(selection), materialize(selection, run_config=stock_config)
+    assert fast.success and stock.success
+    fast_adapter, stock_adapter = fast.asset_value("lora_adapter"), stock.asset_value("lora_adapter")
+    assert stock_adapter.eval_loss == pytest.approx(fast_adapter.eval_loss, rel=1e-4)
+    assert stock_adapter.train_losses == pytest.approx(fast_adapter.train_losses, rel=1e-4)
+    for summaries in ("baseline_summaries", "finetuned_summaries"):
+        assert stock.asset_value(summaries)["generated"].tolist() == fast.asset_value(summaries)["generated"].tolist()

@@ -312,7 +312,7 @@ def train_lora(
             tokenizer.save_pretrained(str(staging))
         say(f"adapter saved to {output_dir}")
     shutil.rmtree(run_dir, ignore_errors=True)  # checkpoints only serve an interrupted run
-    return _artifact(model, settings, targets, trainer, progress, run, last_checkpoint, Path(output_dir), args.optim)
+    return _artifact(model, settings, targets, trainer, progress, run, last_checkpoint, Path(output_dir))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,8 +373,8 @@ def _evaluate_train_evaluate(trainer: SFTTrainer, last_checkpoint: str | None, r
 
 
 def _artifact(model: PreTrainedModel, settings: TrainSettings, targets: tuple[str, ...], trainer: SFTTrainer,
-              progress: ProgressCallback, run: _TrainingRun, last_checkpoint: str | None, output_dir: Path,
-              optimizer: str) -> AdapterArtifact:
+              progress: ProgressCallback, run: _TrainingRun, last_checkpoint: str | None,
+              output_dir: Path) -> AdapterArtifact:
     state, device = trainer.state, model.device.type
     resumed_step = int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else 0
     train_points = [(entry["step"], entry["loss"]) for entry in state.log_history if "loss" in entry]
@@ -403,7 +403,7 @@ def _artifact(model: PreTrainedModel, settings: TrainSettings, targets: tuple[st
         peak_memory_kind="CUDA allocated" if device == "cuda" else "process peak RSS",
         adapter_bytes=sum((output_dir / name).stat().st_size for name in ADAPTER_FILES),
         device=device,
-        optimizer=optimizer,
+        optimizer=resolve_optimizer(settings.optimizer, device),
         train_loss_steps=[step for step, _ in train_points],
         train_losses=[loss for _, loss in train_points],
         eval_loss_steps=[step for step, _ in eval_points],
