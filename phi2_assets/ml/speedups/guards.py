@@ -18,7 +18,6 @@ log = logging.getLogger(__name__)
 # The releases every speed-up was verified against (the tested set in constraints.txt lies inside these).
 TRANSFORMERS = ">=5.24,<5.25"
 TRL = ">=1.16,<1.17"
-PEFT = ">=0.17,<0.22"
 TORCH = ">=2.11,<2.14"
 
 
