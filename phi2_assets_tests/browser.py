@@ -33,7 +33,7 @@ def playwright_chromium() -> str | None:
 def _run(command: list[str], env: dict[str, str] | None = None) -> str:
     """The command's combined output; empty when it succeeded, its tail when it failed or could not start."""
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=INSTALL_TIMEOUT_S, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"{' '.join(command)}: {error}"
     return "" if done.returncode == 0 else f"{' '.join(command)}: {(done.stdout + done.stderr)[-800:]}"
