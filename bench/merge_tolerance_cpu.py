@@ -1,9 +1,10 @@
-"""Merged bf16 against 4-bit + LoRA on trained weights: Gemma-3-270M (the offline profile's model) in NF4 on this
-CPU with an adapter the offline profile trained. The H200 benchmark's Phi-2-shaped model is random: its flat
-log-probs let a last-bit difference swap a greedy token, so there the merge matched 4-bit + LoRA on 44-60% of
-summaries (docs/BENCHMARKS.md). This measures the same three paths where predictions are peaked.
+"""Merged bf16 against 4-bit + LoRA on trained weights: Gemma-3-270M (the offline profile's model) in NF4 on CPU
+with an adapter the offline profile trained. The GPU benchmark's Phi-2-shaped model is random: its flat log-probs
+let a last-bit difference swap a greedy token. This measures the same three paths where predictions are peaked
+(docs/RESULTS.md, "Merged bf16 against 4-bit + LoRA").
 
-    PHI2_DATA_DIR=/tmp/off7/data python bench/merge_tolerance_cpu.py --adapter /tmp/off7/data/.../lora_adapter
+    python bench/train_offline.py    # with PHI2_DATA_DIR and DAGSTER_HOME set, as its docstring says
+    PHI2_DATA_DIR=<the same dir> python bench/merge_tolerance_cpu.py --adapter <data dir>/adapters/<run id>
 
 Paths, each with the same adapter and the offline profile's generation settings on held-out test articles:
 4-bit NF4 + LoRA (the reference: what QLoRA trains), the dense bf16 copy of the NF4 weights with the adapter

@@ -1,8 +1,9 @@
 """The offline profile's training as the UI runs it: the data group and `lora_adapter` with every check, in one
 process, printing the adapter's metadata (train time, tokens/s, eval loss of base model vs adapter).
 
-    PHI2_PROFILE=offline PHI2_DATA_DIR=/tmp/train_offline/data DAGSTER_HOME=/tmp/train_offline/dagster_home \
-        python bench/train_offline.py
+    PHI2_PROFILE=offline PHI2_DATA_DIR=<an empty dir> DAGSTER_HOME=<an empty dir> python bench/train_offline.py
+
+The adapter lands under the data dir's `adapters/<run id>/`, where bench/merge_tolerance_cpu.py can take it.
 """
 
 from __future__ import annotations

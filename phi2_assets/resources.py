@@ -133,6 +133,6 @@ def default_resources() -> dict[str, object]:
         "xsum_source": XsumSource(hub_token=token),
         "base_model": BaseModelResource(hub_token=token),
         # `lora_adapter` with `launcher: accelerate` runs `accelerate launch` through this client; a PipesK8sClient
-        # subclass here runs the same command in a GPU pod (README, "More than one GPU")
+        # subclass here runs the same command in a GPU pod (docs/KUBERNETES.md)
         "training_pipes_client": dg.PipesSubprocessClient(),
     }

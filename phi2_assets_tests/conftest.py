@@ -17,6 +17,7 @@ import dagster as dg  # noqa: E402
 import pytest  # noqa: E402
 
 # Session fixtures of the UI tests, registered here so the GraphQL and browser tests share one webserver and run.
+from phi2_assets_tests.browser import chromium  # noqa: E402, F401
 from phi2_assets_tests.dagster_ui import dagster_ui, pipeline_run  # noqa: E402, F401
 
 

@@ -1,4 +1,4 @@
-"""The UI in a real browser: Debian's headless Chromium (installed by .ci/run, never downloaded) driven by
+"""The UI in a real browser: headless Chromium (found or installed by the `chromium` fixture, browser.py) driven by
 Playwright against the webserver and the finished `phi2_pipeline` run the GraphQL tests share (dagster_ui.py).
 Screenshots land in the test's temporary directory; the ones in docs/screenshots/ come from such a run.
 """
@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Locator, Page, expect, sync_playwright
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
@@ -27,11 +26,9 @@ REPORTED_METRIC = "finetuned_rougeL"
 
 
 @pytest.fixture(scope="module")
-def page(dagster_ui) -> Iterator[Page]:
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium package")
+def page(dagster_ui, chromium) -> Iterator[Page]:
     with sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        browser = driver.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport=VIEWPORT)
             page.set_default_timeout(UI_TIMEOUT_MS)

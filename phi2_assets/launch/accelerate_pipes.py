@@ -3,7 +3,7 @@
 The asset hands over exactly what it received (its `tokenized_xsum` input, saved beside the adapter's directory),
 the settings and the paths as Pipes extras; `train_entry` runs on every rank and rank 0 reports back. The Pipes
 client is a resource (`training_pipes_client`): a `dg.PipesSubprocessClient` on one host, a `PipesK8sClient`
-subclass to run the same command in a GPU pod (README, "More than one GPU").
+subclass to run the same command in a GPU pod (docs/KUBERNETES.md).
 """
 
 import dataclasses

@@ -73,7 +73,7 @@ def accelerate_command(num_processes: int) -> list[str]:
         command += ["--multi_gpu", "--main_process_port", str(free_port())]
     else:
         # one process sees one GPU: with several visible, Trainer would wrap the model in nn.DataParallel,
-        # which SFTTrainer refuses (seen on a 2-GPU H200 host)
+        # which SFTTrainer refuses
         command += ["--gpu_ids", "0"]
     return [*command, "-m", ENTRY_MODULE]
 
