@@ -245,8 +245,9 @@ def main() -> None:
     config, config_path = run_config(model_dir, speedups), args.work_dir / "run" / "run_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     code, seconds = execute_job(config_path, variables, args.output_dir / "pipeline.log")
-    result = {"commit": gpu_metrics.commit(args.commit), "profile": chosen.profile, "speedups": speedups,
-              "speedups_set_on": sorted(config.get("ops", {})), "rows": chosen.rows, "exit_code": code,
+    switched = sorted(config.get("ops", {}))
+    result = {"commit": gpu_metrics.commit(args.commit), "profile": chosen.profile,
+              "speedups": speedups if switched else None, "speedups_set_on": switched, "rows": chosen.rows, "exit_code": code,
               "pipeline_seconds": round(seconds, 1)}
     result["run"] = read_run(Path(variables["DAGSTER_HOME"]))
     result.update(figures(result["run"]), environment=gpu_metrics.environment())
