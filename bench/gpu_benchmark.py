@@ -1,15 +1,24 @@
-"""Issue 7's GPU benchmark: the seed's QLoRA recipe against the phi2 profile's, variants, and generation.
+"""Training and generation speed of the phi2 profile's recipe on one CUDA GPU, through the project's own code.
 
-Everything runs through the project's own code: the phi-2-shaped random model (bench/phi2_shape.py) is saved as
-safetensors and loaded by `models.load_model` in 4-bit NF4, trained by `train.train_lora` and sampled by
-`generate.generate_summaries` (4-bit + LoRA through `models.adapted`, merged bf16 through
-`generate.load_merged_bf16`). Training data: XSum-shaped token rows, the same rows for every recipe, a fixed
-number of optimizer steps of 16 sequences each. Tokens/s is measured after the first progress line (4 steps).
+A Phi-2-shaped model with random weights (bench/phi2_shape.py) is saved as safetensors and loaded by
+`models.load_model` in 4-bit NF4, trained by `train.train_lora` and sampled by `generate.generate_summaries`
+(4-bit + LoRA through `models.adapted`, the adapter merged into bf16 through `generate.load_merged_bf16`).
+Every recipe trains on the same XSum-shaped token rows for the same 16 optimizer steps of 16 sequences; tokens/s
+is measured after the first progress line (4 steps) and MFU counts useful FLOPs (bench/gpu_metrics.py) against
+790 TFLOP/s. Recipes: `best`, the phi2 profile's; `stock`, the same batch and layout with `speedups: false` (TRL and
+transformers as shipped); `seed`, the seed notebooks' recipe; compiled, padding and memory-capped variants.
+Generation: the profile's path first (its first pass is the first generation in the process, 500 prompts, as an
+evaluation step meets it), then variants, the 4-bit + LoRA path, and how far each path's summaries agree.
 
-    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=/tmp/site:. python3 bench/gpu_benchmark.py
-        [--recipes seed best ...] [--skip-generation]
+On a CUDA machine, from the repository root with the project's dependencies installed:
 
-Writes $OUT/h200.json (issue 7's keys + environment), $OUT/h200-details.json and prints a table last.
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=. python bench/gpu_benchmark.py
+        [--recipes best stock seed lean ...] [--skip-generation] [--pipeline-json data/bench/pipeline.json]
+        [--output-dir data/bench] [--commit SHA]
+
+Writes <output-dir>/h200.json (the headline figures, with the commit and `pipeline_seconds` from
+bench/gpu_pipeline.py's results when given) and <output-dir>/h200-details.json after every part, and prints tables
+last. BENCH_DIR (default: the system's temporary directory) holds the checkpoint and the adapters.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import json
 import os
 import re
 import signal
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -32,29 +42,39 @@ import numpy as np
 import torch
 
 from bench import gpu_metrics
-from bench.phi2_shape import EOS_ID, save_phi2_shape, synthetic_articles, synthetic_tokenized_xsum
+from bench.phi2_shape import (
+    EOS_ID,
+    save_phi2_shape,
+    synthetic_articles,
+    synthetic_tokenized_xsum,
+)
 from phi2_assets.ml import generate, models
-from phi2_assets.ml.train import TrainSettings, expected_trainable_parameters, target_modules_for, train_lora
+from phi2_assets.ml.train import (
+    TrainSettings,
+    expected_trainable_parameters,
+    target_modules_for,
+    train_lora,
+)
 from phi2_assets.profiles import PROFILES
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-OUT = Path(os.environ.get("OUT", "/tmp/bench-out"))
-WORK = Path(os.environ.get("BENCH_DIR", "/tmp/bench"))
+WORK = Path(os.environ.get("BENCH_DIR") or Path(tempfile.gettempdir()) / "phi2-bench")
+OUTPUT_DIR = gpu_metrics.DEFAULT_OUTPUT_DIR  # set from --output-dir by each benchmark's main
 STEPS = 16  # optimizer steps per recipe, 16 sequences each (8 left identical recipes 30% apart)
 EFFECTIVE_BATCH = 16
 LEAN_CARD_GIB = 15.0  # what a 16 GB card (T4) leaves to PyTorch's allocator
 SEQUENTIAL_ARTICLES, UNMERGED_ARTICLES, MERGED_ARTICLES = 3, 256, 500
 PROGRESS = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.]+).*?([\d,]+) tokens/s")
 
-LOGGED_EVERY = 4  # steps between progress lines: each one reads the token count, a wait for the GPU (the phi2 profile: 10)
+LOGGED_EVERY = 4  # steps between progress lines: each reads the token count, a wait for the GPU (the profile: 10)
 BENCH_RUN = {"max_steps": STEPS, "logging_steps": LOGGED_EVERY, "save_steps": 100_000, "eval_steps": None}
 # the seed notebooks' recipe (TrainSettings' defaults): micro-batch 2 x grad-accum 8, dynamic padding, paged AdamW
 # 8-bit, gradient checkpointing, bf16 autocast
 SEED = dataclasses.replace(TrainSettings(), **BENCH_RUN)
-# the phi2 profile's: 16 x 1, length-grouped, padded to a multiple of 64, no checkpointing, fused AdamW, two loader workers
+# the phi2 profile's: 16 x 1, length-grouped, padded to a multiple of 64, no checkpointing, fused AdamW, two workers
 BEST = dataclasses.replace(PROFILES["phi2"].train, **BENCH_RUN)
 RECIPES: dict[str, TrainSettings] = {
     "seed": SEED,
@@ -67,23 +87,32 @@ RECIPES: dict[str, TrainSettings] = {
     "lean": dataclasses.replace(BEST, gradient_checkpointing=True),
     # the phi2 recipe padded to each batch's longest row: nearly every step a new shape
     "dynamic_padding": dataclasses.replace(BEST, pad_to_multiple_of=None),
-    # one packed row per step: SDPA gets a dense block-diagonal mask over the whole row (slower: docs/BENCHMARKS.md)
+    # one packed row per step: SDPA gets a dense block-diagonal mask over the whole row (slower than grouping)
     "padding_free": dataclasses.replace(BEST, padding_free=True, group_by_length=False),
 }
+# the profile's batch and layout on TRL and transformers as shipped
+if "speedups" in {field.name for field in dataclasses.fields(TrainSettings)}:
+    RECIPES["stock"] = dataclasses.replace(BEST, speedups=False)
+# recipes that run Phi-2's activation as published (`gelu_new`, eight ops) instead of the loader's fused one
+PUBLISHED_ACTIVATION = ("seed", "stock")
 # the 4-bit + LoRA path's generation: the profile's settings on the unmerged model (transformers' generate)
 UNMERGED_GENERATION = dataclasses.replace(PROFILES["phi2"].generation, merged_bf16=False, cache="dynamic")
 # SDPA kernels other than cuDNN's (which plans each new shape on the host), for generation trials
 WITHOUT_CUDNN = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 # the phi2 profile's generation path, whose run gives gen_batched_per_s
 PROFILE_GENERATION_PATH = "merged_bf16_static"
-assert PROFILES["phi2"].generation.merged_bf16 and PROFILES["phi2"].generation.cache == "static", "PROFILE_GENERATION_PATH names another path"
+assert PROFILES["phi2"].generation.merged_bf16 and PROFILES["phi2"].generation.cache == "static", (
+    "PROFILE_GENERATION_PATH names another path")
 # the profile's generation against the same with one change each, on the merged model
 GENERATION_VARIANTS = {
     "merged_bf16_static_again": {},  # the same again: the first pass pays one-time costs, as a fresh asset run does
     "merged_bf16_eager_steps": {"cuda_graph": False},  # every decoding step launched from Python
     "merged_bf16_two_batches": {"batch_size": 250},  # near the memory-filling split of earlier runs (358 + 142)
 }
-details: dict = {"steps": STEPS, "effective_batch": EFFECTIVE_BATCH, "peak_bf16_flops_used": gpu_metrics.PEAK_BF16_FLOPS}
+if "speedups" in {field.name for field in dataclasses.fields(generate.GenerationSettings)}:
+    GENERATION_VARIANTS["merged_bf16_stock"] = {"speedups": False}  # transformers' generate as shipped
+details: dict = {"steps": STEPS, "effective_batch": EFFECTIVE_BATCH,
+                 "peak_bf16_flops_used": gpu_metrics.PEAK_BF16_FLOPS}
 
 
 class PhaseTimeout(BaseException):
@@ -119,7 +148,8 @@ after_phase: Callable[[], object] = lambda: write_figures()
 
 @dataclasses.dataclass
 class Inputs:
-    """The phi-2-shaped model in 4-bit NF4 through the project's loader, and the XSum-shaped rows every recipe trains on."""
+    """The phi-2-shaped model in 4-bit NF4 through the project's loader, and the XSum-shaped rows every recipe
+    trains on."""
 
     spec: models.ModelSpec
     model_dir: str
@@ -133,7 +163,7 @@ class Inputs:
 
 def phi2_shape_checkpoint() -> tuple[models.ModelSpec, str, PreTrainedTokenizerBase]:
     """The phi-2-shaped checkpoint saved once under WORK, its 4-bit spec and its tokenizer."""
-    OUT.mkdir(parents=True, exist_ok=True)
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     WORK.mkdir(parents=True, exist_ok=True)
     model_dir = str(save_phi2_shape(WORK / "phi2-shape"))
     spec = models.ModelSpec(source="local", name_or_path=model_dir, load_in_4bit=True)
@@ -156,7 +186,8 @@ def load_inputs() -> Inputs:
     spec, model_dir, tokenizer = phi2_shape_checkpoint()
     model = models.load_model(spec, model_dir, models.choose_precision(True))
     rows = synthetic_tokenized_xsum(STEPS * EFFECTIVE_BATCH + 32)
-    train, evaluation = rows.select(range(STEPS * EFFECTIVE_BATCH)), rows.select(range(STEPS * EFFECTIVE_BATCH, len(rows)))
+    trained = STEPS * EFFECTIVE_BATCH
+    train, evaluation = rows.select(range(trained)), rows.select(range(trained, len(rows)))
     lengths = [len(ids) for ids in train["input_ids"]]
     lora = expected_trainable_parameters(model, target_modules_for(model, BEST), BEST.lora_r)
     flops_per_token = gpu_metrics.train_flops(model.config, lengths, lora) / sum(lengths)
@@ -164,7 +195,7 @@ def load_inputs() -> Inputs:
 
 
 def save_details() -> None:
-    (OUT / "h200-details.json").write_text(json.dumps(details, indent=1, default=str))
+    (OUTPUT_DIR / "h200-details.json").write_text(json.dumps(details, indent=1, default=str))
 
 
 def free_memory() -> None:
@@ -208,12 +239,14 @@ def check_packed_equals_padded(model, rows) -> dict:
 
 
 def steady_rate(lines: list[tuple[float, str]], tokens_seen: int) -> dict:
-    """Tokens/s after the first progress line (LOGGED_EVERY steps), from the lines' timestamps and cumulative rates.
+    """Tokens/s after the first progress line (LOGGED_EVERY steps), from the lines' timestamps and cumulative
+    rates.
 
     A line k says rate_k = tokens_k / (t_k - start); the last one's tokens are the run's total, which fixes
     `start`; then tokens_1 follows, and the steady rate is (tokens_N - tokens_1) / (t_N - t_1).
     """
-    points = [(t, int(m[1]), float(m[3]), float(m[4].replace(",", ""))) for t, text in lines if (m := PROGRESS.search(text))]
+    points = [(t, int(m[1]), float(m[3]), float(m[4].replace(",", "")))
+              for t, text in lines if (m := PROGRESS.search(text))]
     if len(points) < 3:
         return {}
     t_first, _, _, rate_first = points[0]
@@ -227,8 +260,14 @@ def steady_rate(lines: list[tuple[float, str]], tokens_seen: int) -> dict:
     }
 
 
-def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, evaluation, flops_per_token: float) -> dict:
-    use_activation(model, fused=name != "seed")
+RECORDED_SETTINGS = ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free",
+                     "pad_to_multiple_of", "compile_layers", "dataloader_workers", "bf16", "optimizer", "speedups")
+
+
+def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, evaluation,
+                 flops_per_token: float) -> dict:
+    fused = name not in PUBLISHED_ACTIVATION
+    use_activation(model, fused=fused)
     lines: list[tuple[float, str]] = []
 
     def on_log(text: str) -> None:
@@ -240,15 +279,16 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
     if capped:  # a real 16 GB card's limit: any step that needs more fails with out-of-memory
         torch.cuda.set_per_process_memory_fraction(LEAN_CARD_GIB * 2**30 / total)
     try:
-        artifact = train_lora(model, tokenizer, train, evaluation, settings, WORK / f"adapter-{name}", WORK / "checkpoints", on_log)
+        artifact = train_lora(model, tokenizer, train, evaluation, settings, WORK / f"adapter-{name}",
+                              WORK / "checkpoints", on_log)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         use_activation(model, fused=True)
     steady = steady_rate(lines, artifact.tokens_seen)
     tok_s = steady.get("steady_tok_s", artifact.tokens_per_second)
     result = {
-        "settings": {k: getattr(settings, k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free", "pad_to_multiple_of", "compile_layers", "dataloader_workers", "bf16", "optimizer")},
-        "fused_gelu": name != "seed",
+        "settings": {key: getattr(settings, key) for key in RECORDED_SETTINGS if hasattr(settings, key)},
+        "fused_gelu": fused,
         "tok_s": round(tok_s),
         "tok_s_end_to_end": round(artifact.tokens_per_second),
         "first_log_s": round(steady.get("first_log_s", float("nan")), 2),
@@ -267,6 +307,9 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
     return result
 
 
+GENERATION_SETTINGS = ("batch_size", "cache", "cuda_graph", "sort_by_length", "max_new_tokens", "speedups")
+
+
 def generation_run(name: str, model, tokenizer, articles: list[str], settings) -> list:
     torch.cuda.reset_peak_memory_stats()
     result = generate.generate_summaries(model, tokenizer, articles, settings)
@@ -281,7 +324,7 @@ def generation_run(name: str, model, tokenizer, articles: list[str], settings) -
         "nonempty_rate": result.success_rate,
         "mean_new_tokens": round(float(np.mean([r.new_tokens for r in records])), 1),
         "peak_mem_gib": gpu_metrics.gib(torch.cuda.max_memory_allocated()),
-        "settings": {k: getattr(settings, k) for k in ("batch_size", "cache", "cuda_graph", "sort_by_length", "max_new_tokens")},
+        "settings": {key: getattr(settings, key) for key in GENERATION_SETTINGS if hasattr(settings, key)},
     }
     return records
 
@@ -303,11 +346,13 @@ def split_batches(model, tokenizer, articles: list[str], settings) -> None:
         once = dataclasses.replace(settings, max_new_tokens=1, batch_size=rows)
         prefill = generate.generate_summaries(model, tokenizer, [articles[i] for i in chosen], once).batch_seconds[0]
         width, prompt_tokens = max(len(prompts[i]) for i in chosen), sum(len(prompts[i]) for i in chosen)
-        entry = {"rows": rows, "width": width, "cache": cache_length(width, settings.max_new_tokens), "prefill_s": round(prefill, 3),
-                 "prefill_padded_tok_s": round(rows * width / prefill), "prefill_prompt_tok_s": round(prompt_tokens / prefill)}
+        entry = {"rows": rows, "width": width, "cache": cache_length(width, settings.max_new_tokens),
+                 "prefill_s": round(prefill, 3), "prefill_padded_tok_s": round(rows * width / prefill),
+                 "prefill_prompt_tok_s": round(prompt_tokens / prefill)}
         for name, label in (("merged_bf16_static_again", "graph"), ("merged_bf16_eager_steps", "eager")):
             if name in generation:
-                entry[f"{label}_ms_per_step"] = round((generation[name]["batch_seconds"][position] - prefill) / steps * 1e3, 2)
+                decoding = generation[name]["batch_seconds"][position] - prefill
+                entry[f"{label}_ms_per_step"] = round(decoding / steps * 1e3, 2)
         batches.append(entry)
     details["generation_split"] = batches
 
@@ -320,7 +365,8 @@ def agreement(reference: list, other: list) -> dict:
         same = next((i for i, (x, y) in enumerate(zip(words_a, words_b)) if x != y), min(len(words_a), len(words_b)))
         exact.append(a.text == b.text)
         prefix.append(same / max(len(words_a), len(words_b), 1))
-    return {"exact_match": round(float(np.mean(exact)), 3), "mean_prefix_agreement": round(float(np.mean(prefix)), 3), "pairs": len(exact)}
+    return {"exact_match": round(float(np.mean(exact)), 3), "mean_prefix_agreement": round(float(np.mean(prefix)), 3),
+            "pairs": len(exact)}
 
 
 def teacher_forcing_probes(tokenizer, articles: list[str], settings, count: int = 8) -> list[list[int]]:
@@ -355,108 +401,156 @@ def compare_logprobs(reference: dict, other: dict) -> dict:
 
 
 def main() -> None:
+    global OUTPUT_DIR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--pipeline-json", type=Path, default=None,
+                        help="bench/gpu_pipeline.py's results: their pipeline_seconds join the figures")
+    gpu_metrics.add_common_arguments(parser)
     args = parser.parse_args()
+    OUTPUT_DIR = args.output_dir
+    details["commit"] = gpu_metrics.commit(args.commit)
+    if args.pipeline_json:
+        details["pipeline"] = json.loads(args.pipeline_json.read_text())
     inputs = load_inputs()
-    spec, model_dir, tokenizer, model = inputs.spec, inputs.model_dir, inputs.tokenizer, inputs.model
-    train, evaluation, lengths, flops_per_token = inputs.train, inputs.evaluation, inputs.lengths, inputs.flops_per_token
     details["environment"] = gpu_metrics.environment()
     details["measured_peak_bf16_tflops"] = round(gpu_metrics.measure_peak_bf16() / 1e12, 1)
     details["profile_generation_path"] = PROFILE_GENERATION_PATH
-    details["data"] = {"train_rows": len(train), "mean_tokens": round(float(np.mean(lengths)), 1), "max_tokens": max(lengths),
-                       "flops_per_token": flops_per_token}
-    phase("packed_equals_padded", 60, lambda: details.__setitem__("packed_equals_padded", check_packed_equals_padded(model, train)))
-    # one-time costs (the decoder layers' compile, TRL's Triton log-prob kernels, the allocator's growth) land here,
-    # not in the first measured recipe: a run of 8 steps measured 4,480 tok/s for a recipe that came first
-    warm_up = dataclasses.replace(BEST, max_steps=2, compile_layers=any(RECIPES[name].compile_layers for name in args.recipes))
-    phase("warm-up", 300, lambda: train_lora(model, tokenizer, train.select(range(32)), evaluation.select(range(8)),
-                                            warm_up, WORK / "adapter-warm-up", WORK / "checkpoints"))
-    for name, settings in ((name, RECIPES[name]) for name in args.recipes):
-        phase(f"train {name}", 150 if name == "seed" else 60, lambda name=name, settings=settings: train_recipe(
-            name, settings, model, tokenizer, train, evaluation, flops_per_token))
-
-    if args.skip_generation:
-        print_tables(write_figures())
-        return
-    adapter = WORK / "adapter-best"
-    articles = synthetic_articles(MERGED_ARTICLES)
-    profile_settings = PROFILES["phi2"].generation  # greedy, 60 new tokens, batches planned within free memory
-    unmerged = UNMERGED_GENERATION
-    outputs: dict[str, list] = {}
-    probes = teacher_forcing_probes(tokenizer, articles, profile_settings)
-    reference: dict = {}
-    with contextlib.ExitStack() as stack:
-        adapted = stack.enter_context(models.adapted(model, adapter)) if adapter.is_dir() else model
-        phase("reference log-probs 4-bit", 30, lambda: reference.update(next_token_logprobs(adapted, probes)))
-        phase("generate sequential", 60, lambda: outputs.__setitem__("sequential", generation_run(
-            "sequential", adapted, tokenizer, articles[:SEQUENTIAL_ARTICLES], dataclasses.replace(unmerged, batch_size=1, sort_by_length=False))))
-        phase("generate batched 4-bit", 60, lambda: outputs.__setitem__("batched_4bit", generation_run(
-            "batched_4bit", adapted, tokenizer, articles[:UNMERGED_ARTICLES], unmerged)))
-    free_memory()
-    # the profile's path (the adapter merged into the dequantized NF4 weights it was trained against), and the same
-    # adapter merged into the original bf16 checkpoint instead, to show why the profile merges into NF4
-    loaders = {"merged_bf16": lambda: generate.load_merged_bf16(spec, model_dir, adapter),
-               "merged_checkpoint_bf16": lambda: generate.load_merged_bf16(dataclasses.replace(spec, load_in_4bit=False), model_dir, adapter)}
-    for kind, loader in loaders.items():
-        merged = {}
-        phase(f"load {kind}", 60, lambda loader=loader: merged.__setitem__("model", loader()))
-        if "model" not in merged:
-            continue
-        if reference:
-            phase(f"log-probs {kind}", 30, lambda kind=kind: details.setdefault("logprobs_vs_4bit", {}).__setitem__(
-                kind, compare_logprobs(reference, next_token_logprobs(merged["model"], probes))))
-        variants = [(f"{kind}_static", {})] + (list(GENERATION_VARIANTS.items()) if kind == "merged_bf16" else [])
-        for name, options in variants:
-            phase(f"generate {name}", 45, lambda name=name, options=options: outputs.__setitem__(
-                name, generation_run(name, merged["model"], tokenizer, articles, dataclasses.replace(profile_settings, **options))))
-        if kind == "merged_bf16":
-            phase("split prefill and decoding", 45, lambda: split_batches(merged["model"], tokenizer, articles, profile_settings))
-        merged.clear()
-        free_memory()
-    if "batched_4bit" in outputs:
-        first = outputs["batched_4bit"]
-        details["summaries_vs_4bit"] = {
-            name: agreement(first, records[: len(first)]) for name, records in outputs.items()
-            if name not in ("batched_4bit", "sequential")
-        }
-        if "sequential" in outputs:
-            details["summaries_vs_4bit"]["sequential"] = agreement(outputs["sequential"], first[:SEQUENTIAL_ARTICLES])
-    if PROFILE_GENERATION_PATH in outputs:  # a CUDA graph replays the eager step's kernels: summaries must be identical
-        details["summaries_vs_profile_path"] = {name: agreement(outputs[PROFILE_GENERATION_PATH], outputs[name])
-                                                for name in GENERATION_VARIANTS if name in outputs}
+    details["data"] = {"train_rows": len(inputs.train), "mean_tokens": round(float(np.mean(inputs.lengths)), 1),
+                       "max_tokens": max(inputs.lengths), "flops_per_token": inputs.flops_per_token}
+    phase("packed_equals_padded", 60, lambda: details.__setitem__(
+        "packed_equals_padded", check_packed_equals_padded(inputs.model, inputs.train)))
+    training_phases(inputs, args.recipes)
+    if not args.skip_generation:
+        generation_phases(inputs)
     print_tables(write_figures())
 
 
+def training_phases(inputs: Inputs, recipes: list[str]) -> None:
+    # one-time costs (the decoder layers' compile, TRL's Triton log-prob kernels, the allocator's growth) land in
+    # the warm-up, not in the first measured recipe: a run of 8 steps measured 4,480 tok/s for a recipe that came first
+    compiled = any(RECIPES[name].compile_layers for name in recipes)
+    warm_up = dataclasses.replace(BEST, max_steps=2, compile_layers=compiled)
+    phase("warm-up", 300, lambda: train_lora(inputs.model, inputs.tokenizer, inputs.train.select(range(32)),
+                                            inputs.evaluation.select(range(8)), warm_up, WORK / "adapter-warm-up",
+                                            WORK / "checkpoints"))
+    for name in recipes:
+        phase(f"train {name}", 150 if name == "seed" else 60, lambda name=name: train_recipe(
+            name, RECIPES[name], inputs.model, inputs.tokenizer, inputs.train, inputs.evaluation,
+            inputs.flops_per_token))
+
+
+def generation_phases(inputs: Inputs) -> None:
+    """The profile's path first (its first pass is the process's first generation, as an evaluation step's),
+    its variants, the same adapter merged into the original bf16 checkpoint, then the 4-bit + LoRA path that
+    every other path is compared with."""
+    adapter = WORK / "adapter-best"
+    articles = synthetic_articles(MERGED_ARTICLES)
+    probes = teacher_forcing_probes(inputs.tokenizer, articles, PROFILES["phi2"].generation)
+    outputs: dict[str, list] = {}
+    logprobs: dict[str, dict] = {}
+    checkpoint_spec = dataclasses.replace(inputs.spec, load_in_4bit=False)
+    loaders = {"merged_bf16": lambda: generate.load_merged_bf16(inputs.spec, inputs.model_dir, adapter),
+               "merged_checkpoint_bf16": lambda: generate.load_merged_bf16(checkpoint_spec, inputs.model_dir, adapter)}
+    for kind, loader in loaders.items():
+        merged_generation(kind, loader, inputs.tokenizer, articles, probes, outputs, logprobs)
+    with contextlib.ExitStack() as stack:
+        adapted = stack.enter_context(models.adapted(inputs.model, adapter)) if adapter.is_dir() else inputs.model
+        unmerged_generation(adapted, inputs.tokenizer, articles, probes, outputs, logprobs)
+    free_memory()
+    compare_paths(outputs, logprobs)
+
+
+def merged_generation(kind: str, loader: Callable[[], object], tokenizer, articles: list[str], probes, outputs: dict,
+                      logprobs: dict) -> None:
+    """One merged model: the profile's settings (and, for the profile's own merge, each variant) on 500 articles."""
+    settings = PROFILES["phi2"].generation  # greedy, 60 new tokens, batches planned within free memory
+    merged: dict = {}
+    phase(f"load {kind}", 60, lambda: merged.__setitem__("model", loader()))
+    if "model" not in merged:
+        return
+    variants = [(f"{kind}_static", {})] + (list(GENERATION_VARIANTS.items()) if kind == "merged_bf16" else [])
+    for name, options in variants:
+        phase(f"generate {name}", 45, lambda name=name, options=options: outputs.__setitem__(name, generation_run(
+            name, merged["model"], tokenizer, articles, dataclasses.replace(settings, **options))))
+    if kind == "merged_bf16":
+        phase("split prefill and decoding", 45, lambda: split_batches(merged["model"], tokenizer, articles, settings))
+    phase(f"log-probs {kind}", 30, lambda: logprobs.__setitem__(kind, next_token_logprobs(merged["model"], probes)))
+    merged.clear()
+    free_memory()
+
+
+def unmerged_generation(adapted, tokenizer, articles: list[str], probes, outputs: dict, logprobs: dict) -> None:
+    """4-bit + LoRA, exactly what was trained: teacher-forced log-probs, one prompt at a time, then batched."""
+    sequential = dataclasses.replace(UNMERGED_GENERATION, batch_size=1, sort_by_length=False)
+    phase("reference log-probs 4-bit", 30, lambda: logprobs.__setitem__("4bit", next_token_logprobs(adapted, probes)))
+    phase("generate sequential", 60, lambda: outputs.__setitem__("sequential", generation_run(
+        "sequential", adapted, tokenizer, articles[:SEQUENTIAL_ARTICLES], sequential)))
+    phase("generate batched 4-bit", 60, lambda: outputs.__setitem__("batched_4bit", generation_run(
+        "batched_4bit", adapted, tokenizer, articles[:UNMERGED_ARTICLES], UNMERGED_GENERATION)))
+
+
+def compare_paths(outputs: dict[str, list], logprobs: dict[str, dict]) -> None:
+    """Each path's summaries and log-probs against 4-bit + LoRA, and the variants' summaries against the profile's
+    path (a CUDA graph replays the eager step's kernels: those must be identical)."""
+    if "4bit" in logprobs:
+        details["logprobs_vs_4bit"] = {kind: compare_logprobs(logprobs["4bit"], values)
+                                       for kind, values in logprobs.items() if kind != "4bit"}
+    if "batched_4bit" in outputs:
+        first = outputs["batched_4bit"]
+        details["summaries_vs_4bit"] = {name: agreement(first, records[: len(first)])
+                                        for name, records in outputs.items()
+                                        if name not in ("batched_4bit", "sequential")}
+        if "sequential" in outputs:
+            details["summaries_vs_4bit"]["sequential"] = agreement(outputs["sequential"], first[:SEQUENTIAL_ARTICLES])
+    if PROFILE_GENERATION_PATH in outputs:
+        details["summaries_vs_profile_path"] = {name: agreement(outputs[PROFILE_GENERATION_PATH], outputs[name])
+                                                for name in GENERATION_VARIANTS if name in outputs}
+
+
+def ratio(numerator: float | None, denominator: float | None, digits: int = 2) -> float | None:
+    return round(numerator / denominator, digits) if numerator and denominator else None
+
+
 def write_figures() -> dict:
+    """The headline figures, every ratio between parts of this one run. The best recipe found is the profile's with
+    compiled layers when that ran (the profile keeps eager layers: over its 375 steps the compile costs more than
+    it saves)."""
     training, generation = details.get("training", {}), details.get("generation", {})
-    # the best recipe found: the profile's with compiled layers when it ran (the profile keeps eager layers: for its
-    # 375 steps the compile costs more than it saves); the profile's own recipe as well
-    seed, profile, lean = (training.get(k, {}) for k in ("seed", "best", "lean"))
+    seed, profile, stock, lean = (training.get(k, {}) for k in ("seed", "best", "stock", "lean"))
     best = training.get("best_compiled") or profile
-    batched = generation.get(PROFILE_GENERATION_PATH, {})  # the first pass on the merged model, as an asset run meets it
+    batched = generation.get(PROFILE_GENERATION_PATH, {})  # the first pass of the process, as an asset run meets it
     sequential = generation.get("sequential", {}).get("per_s")
-    fast = batched.get("per_s")
+    stock_generation = generation.get("merged_bf16_stock", {}).get("per_s")
     figures = {
+        "commit": details.get("commit"),
         "train_seed_tok_s": seed.get("tok_s"),
         "train_best_tok_s": best.get("tok_s"),
-        "train_speedup": round(best["tok_s"] / seed["tok_s"], 2) if seed and best else None,
+        "train_speedup": ratio(best.get("tok_s"), seed.get("tok_s")),
         "mfu_best": best.get("mfu"),
         "peak_mem_seed_gib": seed.get("peak_mem_gib"),
         "peak_mem_best_gib": best.get("peak_mem_gib"),
         "train_profile_tok_s": profile.get("tok_s"),
         "mfu_profile": profile.get("mfu"),
-        "train_profile_speedup": round(profile["tok_s"] / seed["tok_s"], 2) if seed and profile else None,
+        "train_profile_speedup": ratio(profile.get("tok_s"), seed.get("tok_s")),
+        "train_stock_tok_s": stock.get("tok_s"),
+        "mfu_stock": stock.get("mfu"),
+        "train_profile_vs_stock": ratio(profile.get("tok_s"), stock.get("tok_s")),
         "train_lean_tok_s": lean.get("tok_s"),
         "peak_mem_lean_gib": lean.get("peak_mem_gib"),
         "gen_sequential_per_s": sequential,
-        "gen_batched_per_s": fast,
-        "gen_speedup": round(fast / sequential, 1) if fast and sequential else None,
+        "gen_batched_per_s": batched.get("per_s"),
+        "gen_speedup": ratio(batched.get("per_s"), sequential, 1),
         "gen_nonempty_rate": batched.get("nonempty_rate"),
-        "environment": {**details.get("environment", {}), "measured_peak_bf16_tflops": details.get("measured_peak_bf16_tflops")},
+        "gen_stock_per_s": stock_generation,
+        "gen_profile_vs_stock": ratio(batched.get("per_s"), stock_generation),
+        "pipeline_seconds": details.get("pipeline", {}).get("pipeline_seconds"),
+        "pipeline_commit": details.get("pipeline", {}).get("commit"),
+        "environment": {**details.get("environment", {}),
+                        "measured_peak_bf16_tflops": details.get("measured_peak_bf16_tflops")},
     }
-    (OUT / "h200.json").write_text(json.dumps(figures, indent=2))
+    (OUTPUT_DIR / "h200.json").write_text(json.dumps(figures, indent=2))
     save_details()
     return figures
 
@@ -466,13 +560,17 @@ def print_tables(figures: dict) -> None:
     print("\n| training | tok/s | end-to-end | MFU | peak GiB | loss after | eval loss |")
     print("|---|---|---|---|---|---|---|")
     for name, r in training.items():
-        print(f"| {name} | {r['tok_s']:,} | {r['tok_s_end_to_end']:,} | {r['mfu']:.1%} | {r['peak_mem_gib']} | {r['final_train_loss']} | {r['eval_loss_after']} |")
+        print(f"| {name} | {r['tok_s']:,} | {r['tok_s_end_to_end']:,} | {r['mfu']:.1%} | {r['peak_mem_gib']} "
+              f"| {r['final_train_loss']} | {r['eval_loss_after']} |")
     print("\n| generation | summaries/s | batches | non-empty | peak GiB |")
     print("|---|---|---|---|---|")
     for name, r in generation.items():
-        print(f"| {name} | {r['per_s']} | {' + '.join(map(str, r['batches']))} | {r['nonempty_rate']:.0%} | {r['peak_mem_gib']} |")
+        batches = " + ".join(map(str, r["batches"]))
+        print(f"| {name} | {r['per_s']} | {batches} | {r['nonempty_rate']:.0%} | {r['peak_mem_gib']} |")
     print(json.dumps({k: v for k, v in figures.items() if k != "environment"}))
-    print(json.dumps({k: details.get(k) for k in ("generation_split", "summaries_vs_4bit", "summaries_vs_profile_path", "logprobs_vs_4bit", "packed_equals_padded", "errors", "phase_seconds")}))
+    keys = ("generation_split", "summaries_vs_4bit", "summaries_vs_profile_path", "logprobs_vs_4bit",
+            "packed_equals_padded", "errors", "phase_seconds")
+    print(json.dumps({k: details.get(k) for k in keys}))
 
 
 if __name__ == "__main__":

@@ -11,14 +11,18 @@ Recomputation under activation checkpointing is not counted: MFU measures useful
 
 from __future__ import annotations
 
+import argparse
 import platform
 import subprocess
 from collections.abc import Sequence
 from importlib import metadata
+from pathlib import Path
 
 import torch
 
-PEAK_BF16_FLOPS = 790e12  # dense bf16 matmul measured on this workplace's H200 (KINDS.md: 769-798 TFLOP/s)
+PEAK_BF16_FLOPS = 790e12  # dense bf16 matmul measured on an H200 (8192-cube products: 769-798 TFLOP/s)
+DEFAULT_OUTPUT_DIR = Path("data/bench")
+COMMIT_HELP = "the commit measured (default: `git rev-parse HEAD` of this checkout, with -dirty for local changes)"
 
 
 def gib(value: float) -> float:
@@ -62,7 +66,8 @@ def environment() -> dict:
         except metadata.PackageNotFoundError:
             return "absent"
 
-    env = {name: version(name) for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets")}
+    packages = ("torch", "transformers", "trl", "peft", "bitsandbytes", "accelerate", "datasets", "dagster")
+    env = {name: version(name) for name in packages}
     env["python"] = platform.python_version()
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
@@ -70,8 +75,28 @@ def environment() -> dict:
         env["cuda"] = torch.version.cuda
         try:
             env["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True,
+                timeout=30, check=False,
             ).stdout.split("\n")[0].strip()  # one line per GPU: the first
         except (OSError, subprocess.SubprocessError):
             env["driver"] = "unknown"
     return env
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--output-dir` and `--commit`, which every GPU benchmark takes."""
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR, help="where the JSON results go")
+    parser.add_argument("--commit", default=None, help=COMMIT_HELP)
+
+
+def commit(given: str | None) -> str:
+    """The commit measured: the one given, else this checkout's HEAD (-dirty with uncommitted changes), else unknown."""
+    if given:
+        return given
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30, check=True)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head.stdout.strip() + ("-dirty" if status.stdout.strip() else "")

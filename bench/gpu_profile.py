@@ -1,14 +1,17 @@
-"""Where the phi2 profile's time goes on the H200: a profiled training step and a profiled generation run.
+"""Where the phi2 profile's time goes on a CUDA GPU: a profiled training step and a profiled generation run.
 
 The same model and data as bench/gpu_benchmark.py (phi-2-shaped random weights in 4-bit NF4), trained by
 `train.train_lora` with the profile's recipe and sampled by `generate.generate_summaries` on the merged bf16 copy.
 Per part: wall time against summed GPU kernel time (how far the GPU is kept busy), kernel time by kind (matmul,
 attention, NF4 dequantisation, the rest), and the top kernels. Optional trials time recipe variants side by side.
 
-    PYTHONPATH=/tmp/site:. python3 bench/gpu_profile.py [--profile-recipes best best_compiled]
-        [--trials best best_compiled best_compiled_stock_trainer best_compiled_cpp_wrapper ...] [--generation-trials] [--skip-generation-profile] [--generation-only]
+On a CUDA machine, from the repository root with the project's dependencies installed:
 
-Writes $OUT/h200-profile.json after every part.
+    PYTHONPATH=. python bench/gpu_profile.py [--profile-recipes best best_compiled] [--python-profile]
+        [--trials best best_compiled best_compiled_stock_trainer best_compiled_cpp_wrapper ...]
+        [--generation-trials] [--skip-generation-profile] [--generation-only] [--output-dir data/bench]
+
+Writes <output-dir>/h200-profile.json after every part.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench import gpu_benchmark as bench
+from bench import gpu_metrics
 from bench.phi2_shape import synthetic_articles
 from phi2_assets.ml import generate
 from phi2_assets.ml.train import train_lora
@@ -46,7 +50,7 @@ TRIALS = {  # name: (settings, attention implementation, SDPA kernels or None fo
     "best_compiled": (bench.RECIPES["best_compiled"], "sdpa", None),
     "best_compiled_dynamic_padding": (bench.RECIPES["best_compiled_dynamic_padding"], "sdpa", None),
     "best_compiled_8bit_adamw": (dataclasses.replace(bench.RECIPES["best_compiled"], **PAGED_8BIT), "sdpa", None),
-    # the fifth session's phi2 recipe (paged AdamW 8-bit)
+    # the phi2 recipe with the seed's paged AdamW 8-bit
     "best_8bit_adamw": (dataclasses.replace(bench.RECIPES["best"], **PAGED_8BIT), "sdpa", None),
     "lean": (bench.RECIPES["lean"], "sdpa", None),
     "best_dynamic_padding": (bench.RECIPES["dynamic_padding"], "sdpa", None),
@@ -54,10 +58,14 @@ TRIALS = {  # name: (settings, attention implementation, SDPA kernels or None fo
     "flex_padding_free": (bench.RECIPES["padding_free"], "flex_attention", None),
     # batches fetched and collated by the training process between steps, as before the profile's two workers
     "best_without_workers": (dataclasses.replace(bench.RECIPES["best"], dataloader_workers=0), "sdpa", None),
-    "best_compiled_without_workers": (dataclasses.replace(bench.RECIPES["best_compiled"], dataloader_workers=0), "sdpa", None),
+    "best_compiled_without_workers": (
+        dataclasses.replace(bench.RECIPES["best_compiled"], dataloader_workers=0),
+        "sdpa",
+        None,
+    ),
 }
-# "best_compiled" + this: the compiled layers replayed as CUDA graphs (mode reduce-overhead); fails in torch 2.11 ("accessing
-# tensor output of CUDAGraphs that has been overwritten by a subsequent run")
+# "best_compiled" + this: the compiled layers replayed as CUDA graphs (mode reduce-overhead); fails in torch 2.11
+# ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run")
 GRAPHED = "_graphs"
 # any recipe + this: TRL's own SFTTrainer and the model's own train() and zero_grad(), without `lean_steps`
 STOCK_TRAINER = "_stock_trainer"
@@ -123,7 +131,9 @@ def summarise(prof, wall_s: float, units: int, label: str) -> dict:
     top = sorted(per_kernel.items(), key=lambda item: -item[1][0])[:25]
     host: dict[str, float] = collections.Counter()
     for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CPU and (event.name.startswith(("host: ", "Optimizer.step")) or event.name in SYNC_OPS):
+        if event.device_type == torch.autograd.DeviceType.CPU and (
+            event.name.startswith(("host: ", "Optimizer.step")) or event.name in SYNC_OPS
+        ):
             host[event.name] += event.cpu_time_total / 1e3
     result = {
         "wall_ms": round(wall_s * 1e3 / units, 1),
@@ -132,10 +142,16 @@ def summarise(prof, wall_s: float, units: int, label: str) -> dict:
         "kernels_launched": int(sum(count for _, count in per_kernel.values()) / units),
         "by_kind_ms": {kind: round(ms / units, 1) for kind, ms in sorted(kinds.items(), key=lambda kv: -kv[1])},
         "host_ms": {name: round(ms / units, 1) for name, ms in sorted(host.items(), key=lambda kv: -kv[1])},
-        "top_kernels": [{"ms": round(ms / units, 2), "calls": int(count / units), "name": name[:110]} for name, (ms, count) in top],
+        "top_kernels": [
+            {"ms": round(ms / units, 2), "calls": int(count / units), "name": name[:110]} for name, (ms, count) in top
+        ],
     }
-    print(f"\n=== {label}: wall {result['wall_ms']} ms, GPU busy {result['gpu_busy_ms']} ms ({result['gpu_busy_share']:.0%}),"
-          f" {result['kernels_launched']} kernels per unit", flush=True)
+    print(
+        f"\n=== {label}: wall {result['wall_ms']} ms, GPU busy {result['gpu_busy_ms']} ms"
+        f" ({result['gpu_busy_share']:.0%}),"
+        f" {result['kernels_launched']} kernels per unit",
+        flush=True,
+    )
     print("by kind (ms):", json.dumps(result["by_kind_ms"]))
     print("host (ms):", json.dumps(result["host_ms"]))
     for row in result["top_kernels"][:18]:
@@ -148,12 +164,16 @@ def summarise(prof, wall_s: float, units: int, label: str) -> dict:
 def print_python_profile(python_profile: cProfile.Profile, units: int) -> None:
     """The Python functions that hold the host longest, per training step: own time, and time with callees."""
     stats = pstats.Stats(python_profile)
-    rows = [(own / units, cumulative / units, calls // units, f"{'/'.join(Path(file).parts[-2:])}:{line}({name})")
-            for (file, line, name), (_, calls, own, cumulative, _) in stats.stats.items()]
+    rows = [
+        (own / units, cumulative / units, calls // units, f"{'/'.join(Path(file).parts[-2:])}:{line}({name})")
+        for (file, line, name), (_, calls, own, cumulative, _) in stats.stats.items()
+    ]
     report["python_ms_per_step"] = {}
     for label, index in (("own", 0), ("with callees", 1)):
         top = sorted(rows, key=lambda row: -row[index])[:30]
-        report["python_ms_per_step"][label] = [[round(own * 1e3, 2), round(cum * 1e3, 2), calls, where] for own, cum, calls, where in top]
+        report["python_ms_per_step"][label] = [
+            [round(own * 1e3, 2), round(cum * 1e3, 2), calls, where] for own, cum, calls, where in top
+        ]
         print(f"\n=== Python, ms per step by {label} time (own, with callees, calls, function)")
         for own, cum, calls, where in top:
             print(f"{own * 1e3:8.2f} {cum * 1e3:8.2f} {calls:6d}  {where}")
@@ -184,19 +204,31 @@ def profile_training(recipe: str, model, tokenizer, train, evaluation, python: b
                 started[0] = time.perf_counter()
             elif python_profile:
                 python_profile.disable()
-                report.setdefault("python_profiled_step_ms", {})[recipe] = round((time.perf_counter() - started[0]) * 1e3 / (last - first), 1)
+                report.setdefault("python_profiled_step_ms", {})[recipe] = round(
+                    (time.perf_counter() - started[0]) * 1e3 / (last - first), 1
+                )
                 print_python_profile(python_profile, last - first)
             else:
                 wall = time.perf_counter() - started[0]
                 prof.stop()
-                report.setdefault("training_step", {})[recipe] = summarise(prof, wall, last - first, f"training step, {recipe} (16 x ~484 tokens)")
+                report.setdefault("training_step", {})[recipe] = summarise(
+                    prof, wall, last - first, f"training step, {recipe} (16 x ~484 tokens)"
+                )
         return original(self, *args, **kwargs)
 
     SFTTrainer.training_step = training_step
     try:
         with annotated_host_phases():
             settings = dataclasses.replace(TRIALS[recipe][0], max_steps=last + 1)
-            train_lora(model, tokenizer, train, evaluation, settings, bench.WORK / "adapter-profiled", bench.WORK / "checkpoints")
+            train_lora(
+                model,
+                tokenizer,
+                train,
+                evaluation,
+                settings,
+                bench.WORK / "adapter-profiled",
+                bench.WORK / "checkpoints",
+            )
     finally:
         SFTTrainer.training_step = original
 
@@ -240,12 +272,24 @@ def trial(name: str, model, tokenizer, train, evaluation, flops_per_token: float
     settings, attention, backends = TRIALS[base]
     model.set_attn_implementation(attention)
     try:
-        with (bench.sdpa_backends(backends), compile_arguments(COMPILE_ARGUMENTS.get(name.removeprefix(base))),
-              stock_trainer(name.endswith(STOCK_TRAINER))):
+        with (
+            bench.sdpa_backends(backends),
+            compile_arguments(COMPILE_ARGUMENTS.get(name.removeprefix(base))),
+            stock_trainer(name.endswith(STOCK_TRAINER)),
+        ):
             result = bench.train_recipe(name, settings, model, tokenizer, train, evaluation, flops_per_token)
     finally:
         model.set_attn_implementation("sdpa")
-    keys = ("tok_s", "tok_s_end_to_end", "first_log_s", "train_seconds", "mfu", "peak_mem_gib", "train_losses", "eval_loss_after")
+    keys = (
+        "tok_s",
+        "tok_s_end_to_end",
+        "first_log_s",
+        "train_seconds",
+        "mfu",
+        "peak_mem_gib",
+        "train_losses",
+        "eval_loss_after",
+    )
     entry = {"trial": name, **{k: result[k] for k in keys}}
     report.setdefault("trials", []).append(entry)
     print(f"[trial] {entry}", flush=True)
@@ -253,7 +297,10 @@ def trial(name: str, model, tokenizer, train, evaluation, flops_per_token: float
 
 def profile_generation(merged, tokenizer, articles: list[str]) -> None:
     settings = PROFILES["phi2"].generation
-    for label, options in (("generation prefill only (1 new token)", {"max_new_tokens": 1}), ("generation, 60 new tokens", {})):
+    for label, options in (
+        ("generation prefill only (1 new token)", {"max_new_tokens": 1}),
+        ("generation, 60 new tokens", {}),
+    ):
         chosen = dataclasses.replace(settings, **options)
         generate.generate_summaries(merged, tokenizer, articles[:8], chosen)  # first-call costs out of the profile
         torch.cuda.synchronize()
@@ -263,7 +310,11 @@ def profile_generation(merged, tokenizer, articles: list[str]) -> None:
             torch.cuda.synchronize()
             wall = time.perf_counter() - started
         key = "generation_prefill" if options else "generation"
-        report[key] = {"batch_size": result.batch_size, "summaries": len(result.records), **summarise(prof, wall, 1, label)}
+        report[key] = {
+            "batch_size": result.batch_size,
+            "summaries": len(result.records),
+            **summarise(prof, wall, 1, label),
+        }
 
 
 def generation_trials(merged, tokenizer, articles: list[str], rounds: int = 2) -> None:
@@ -272,33 +323,71 @@ def generation_trials(merged, tokenizer, articles: list[str], rounds: int = 2) -
     settings = PROFILES["phi2"].generation
     generate.generate_summaries(merged, tokenizer, articles[:8], settings)
     for label in ("pytorch_choice", "without_cudnn") * rounds:
+
         def run(label=label):
             with bench.sdpa_backends(bench.WITHOUT_CUDNN if label == "without_cudnn" else None):
                 result = generate.generate_summaries(merged, tokenizer, articles, settings)
-            entry = {"sdpa": label, "per_s": round(result.summaries_per_second, 1), "seconds": round(result.seconds, 2),
-                     "batches": result.batch_sizes, "nonempty": result.success_rate}
+            entry = {
+                "sdpa": label,
+                "per_s": round(result.summaries_per_second, 1),
+                "seconds": round(result.seconds, 2),
+                "batches": result.batch_sizes,
+                "nonempty": result.success_rate,
+            }
             report.setdefault("generation_trials", []).append(entry)
             print(f"[generation] {entry}", flush=True)
+
         bench.phase(f"generation {label}", 60, run)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile-recipes", nargs="*", default=["best"], choices=list(TRIALS), help="recipes whose training steps are profiled, in turn")
-    parser.add_argument("--python-profile", action="store_true", help="profile the training steps with cProfile (Python functions) instead of torch's profiler")
+    parser.add_argument(
+        "--profile-recipes",
+        nargs="*",
+        default=["best"],
+        choices=list(TRIALS),
+        help="recipes whose training steps are profiled, in turn",
+    )
+    parser.add_argument(
+        "--python-profile",
+        action="store_true",
+        help="profile the training steps with cProfile (Python functions) instead of torch's profiler",
+    )
     compiled = [name for name in TRIALS if TRIALS[name][0].compile_layers]
-    trial_names = (list(TRIALS) + ["best_compiled" + GRAPHED] + [name + STOCK_TRAINER for name in TRIALS]
-                   + [name + CPP_WRAPPER for name in compiled])
-    parser.add_argument("--trials", nargs="*", default=[], choices=trial_names, help="recipe variants to time after the profile (repeat names to alternate)")
-    parser.add_argument("--generation-trials", action="store_true", help="time 500 summaries with PyTorch's attention kernel and without cuDNN")
+    trial_names = (
+        list(TRIALS)
+        + ["best_compiled" + GRAPHED]
+        + [name + STOCK_TRAINER for name in TRIALS]
+        + [name + CPP_WRAPPER for name in compiled]
+    )
+    parser.add_argument(
+        "--trials",
+        nargs="*",
+        default=[],
+        choices=trial_names,
+        help="recipe variants to time after the profile (repeat names to alternate)",
+    )
+    parser.add_argument(
+        "--generation-trials",
+        action="store_true",
+        help="time 500 summaries with PyTorch's attention kernel and without cuDNN",
+    )
     parser.add_argument("--skip-generation-profile", action="store_true")
-    parser.add_argument("--generation-only", action="store_true", help="profile generation alone, on the merged model without an adapter")
+    parser.add_argument(
+        "--generation-only",
+        action="store_true",
+        help="profile generation alone, on the merged model without an adapter",
+    )
+    gpu_metrics.add_common_arguments(parser)
     args = parser.parse_args()
+    bench.OUTPUT_DIR = args.output_dir
+    report["commit"] = gpu_metrics.commit(args.commit)
 
     def save() -> None:
         report["errors"] = bench.details.get("errors")
         report["phase_seconds"] = bench.details.get("phase_seconds")
-        (bench.OUT / "h200-profile.json").write_text(json.dumps(report, indent=1))
+        (args.output_dir / "h200-profile.json").write_text(json.dumps(report, indent=1))
 
     bench.after_phase = save
     # trials compile the decoder layers' one code object in several variants (kernels, modes) in one process
@@ -322,11 +411,21 @@ def profile_and_time_training(args: argparse.Namespace) -> None:
     """The training profiles and trials on the 4-bit model, which goes when this returns."""
     inputs = bench.load_inputs()
     for recipe in args.profile_recipes:
-        bench.phase(f"profile training {recipe}", 300, lambda recipe=recipe: profile_training(
-            recipe, inputs.model, inputs.tokenizer, inputs.train, inputs.evaluation, args.python_profile))
+        bench.phase(
+            f"profile training {recipe}",
+            300,
+            lambda recipe=recipe: profile_training(
+                recipe, inputs.model, inputs.tokenizer, inputs.train, inputs.evaluation, args.python_profile
+            ),
+        )
     for name in args.trials:
-        bench.phase(f"trial {name}", 200, lambda name=name: trial(
-            name, inputs.model, inputs.tokenizer, inputs.train, inputs.evaluation, inputs.flops_per_token))
+        bench.phase(
+            f"trial {name}",
+            200,
+            lambda name=name: trial(
+                name, inputs.model, inputs.tokenizer, inputs.train, inputs.evaluation, inputs.flops_per_token
+            ),
+        )
 
 
 if __name__ == "__main__":

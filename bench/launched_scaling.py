@@ -1,15 +1,15 @@
-"""Tokens/s of the launched training path with 1 and N processes (issue 6: 2 GPUs at least 1.8x one GPU).
+"""Tokens/s of the launched training path with 1 and N processes (one GPU each).
 
 Runs `accelerate launch -m phi2_assets.launch.train_entry --job ...`, the entry point the `lora_adapter` asset
 launches through Dagster Pipes, here without Dagster, once per process count, with the same `train_lora` and the
-`phi2` profile's recipe (batch 2 x grad-accum 8 per process, paged AdamW 8-bit, cosine, checkpointing). DDP keeps
-the per-process batch, so N processes take N times the tokens per optimizer step; the figure is the whole job's
-tokens/s.
+`phi2` profile's recipe. DDP keeps the per-process batch, so N processes take N times the tokens per optimizer
+step; the figure is the whole job's tokens/s. Writes <output-dir>/launched_scaling.json and prints the same JSON.
 
-GPU host (phi-2-shaped random model in 4-bit NF4, XSum-shaped token data; writes $OUT/launched_scaling.json):
-    PYTHONPATH=/tmp/site:. python3 bench/launched_scaling.py --processes 1 2 --steps 30
-CPU (the tiny random Phi on the packaged XSum sample, gloo; the plumbing and its overhead, not a speed-up):
-    python bench/launched_scaling.py --tiny --processes 1 2 --steps 8
+On a machine with N CUDA GPUs (phi-2-shaped random model in 4-bit NF4, XSum-shaped token data), from the
+repository root with the project's dependencies installed:
+    PYTHONPATH=. python bench/launched_scaling.py --processes 1 2 --steps 30 [--output-dir data/bench]
+On CPU (the tiny random Phi on the packaged XSum sample, gloo; the plumbing and its overhead, not a speed-up):
+    PYTHONPATH=. python bench/launched_scaling.py --tiny --processes 1 2 --steps 8
 """
 
 from __future__ import annotations
@@ -20,16 +20,17 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import datasets
 
+from bench import gpu_metrics
 from phi2_assets.launch.train_entry import TrainingJob, accelerate_command
 from phi2_assets.profiles import PROFILES
 
-WORK = Path(os.environ.get("BENCH_DIR", "/tmp/launched_scaling"))
-OUT = Path(os.environ.get("OUT", WORK))
+WORK = Path(os.environ.get("BENCH_DIR") or Path(tempfile.gettempdir()) / "launched_scaling")
 
 
 def phi2_shaped_inputs(train_rows: int) -> tuple[dict, Path, datasets.DatasetDict]:
@@ -37,7 +38,8 @@ def phi2_shaped_inputs(train_rows: int) -> tuple[dict, Path, datasets.DatasetDic
 
     model_dir = save_phi2_shape(WORK / "phi2-shape")
     rows = synthetic_tokenized_xsum(train_rows + 32)
-    splits = datasets.DatasetDict({"train": rows.select(range(train_rows)), "validation": rows.select(range(train_rows, train_rows + 32))})
+    splits = datasets.DatasetDict({"train": rows.select(range(train_rows)),
+                                   "validation": rows.select(range(train_rows, train_rows + 32))})
     model = {"source": "local", "name_or_path": str(model_dir), "revision": "main", "load_in_4bit": True}
     return model, model_dir, splits
 
@@ -52,7 +54,8 @@ def tiny_inputs() -> tuple[dict, Path, datasets.DatasetDict]:
     tokenizer = models.load_tokenizer(spec, model_dir)
     settings = TokenizeSettings(max_length=256)
     splits = datasets.DatasetDict({
-        split: tokenize_dataset(datasets.Dataset.from_pandas(sample[split], preserve_index=False), tokenizer, settings)[0]
+        split: tokenize_dataset(datasets.Dataset.from_pandas(sample[split], preserve_index=False), tokenizer,
+                                settings)[0]
         for split in ("train", "validation")
     })
     model = {"source": "tiny", "name_or_path": "tiny-phi", "revision": "main", "load_in_4bit": False}
@@ -63,7 +66,8 @@ def run(processes: int, job: TrainingJob) -> dict:
     result = WORK / f"result-{processes}.json"
     shutil.rmtree(job.checkpoint_dir, ignore_errors=True)  # measure training, never a resume
     started = time.monotonic()
-    subprocess.run([*accelerate_command(processes), "--job", str(WORK / "job.json"), "--result", str(result)], check=True)
+    command = [*accelerate_command(processes), "--job", str(WORK / "job.json"), "--result", str(result)]
+    subprocess.run(command, check=True)
     figures = json.loads(result.read_text())
     return {
         "processes": processes,
@@ -84,9 +88,10 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     parser.add_argument("--tiny", action="store_true", help="the tiny random Phi on CPU instead of the phi-2 shape")
+    gpu_metrics.add_common_arguments(parser)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
 
     if args.tiny:
         model, model_dir, splits = tiny_inputs()
@@ -108,8 +113,9 @@ def main() -> None:
     base = runs[0]["tokens_per_second"]
     for entry in runs:
         entry["speedup_vs_first"] = round(entry["tokens_per_second"] / base, 3)
-    (OUT / "launched_scaling.json").write_text(json.dumps(runs, indent=2))
-    print(json.dumps(runs, indent=2))
+    result = {"commit": gpu_metrics.commit(args.commit), "runs": runs}
+    (args.output_dir / "launched_scaling.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """A randomly initialised model of microsoft/phi-2's shape, a stand-in tokenizer and XSum-shaped token data.
 
-The hub is out of reach on the GPU machine, so the benchmark builds what it needs: `PhiConfig` with phi-2's
+The GPU benchmarks build what they need instead of downloading it: `PhiConfig` with phi-2's
 config.json values, saved as safetensors so the project's loader quantizes it to 4-bit NF4 exactly as it would
 the real checkpoint; a word-level tokenizer with phi-2's vocabulary size and EOS id (one token per word, so a
-synthetic article of n words is n tokens); and token sequences with XSum's length distribution.
+synthetic article of n words is n tokens) or a byte-level BPE tokenizer trained on real text; and token sequences
+with XSum's length distribution.
 """
 
 from __future__ import annotations
@@ -56,17 +57,45 @@ def build_tokenizer():
 
 
 def save_phi2_shape(target: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Random phi-2-shaped weights (initialised on the GPU: seconds instead of a minute) + tokenizer, safetensors."""
+    """Random phi-2-shaped weights and the word-level tokenizer, safetensors."""
+    return save_checkpoint(target, phi2_config(), build_tokenizer(), dtype)
+
+
+def sample_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer of at most `vocab_size` tokens trained on `texts`, with EOS `<|endoftext|>` (the
+    tokenizer the tiny profile's model gets, at another size)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[END_OF_TEXT], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT
+    )
+
+
+def save_checkpoint(target: Path, config, tokenizer, dtype: torch.dtype) -> Path:
+    """Random weights of `config` (initialised on the GPU when there is one: seconds instead of a minute for phi-2's
+    size) and `tokenizer`, as safetensors, written whole or not at all; an existing checkpoint is kept."""
     from transformers import PhiForCausalLM
+
+    from phi2_assets.ml.atomic import atomic_path
 
     if (target / "model.safetensors").is_file() or (target / "model.safetensors.index.json").is_file():
         return target
+    config.bos_token_id = config.eos_token_id = tokenizer.eos_token_id
     torch.manual_seed(0)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = PhiForCausalLM(phi2_config()).to(dtype)
-    model.save_pretrained(target, safe_serialization=True)
-    build_tokenizer().save_pretrained(target)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = PhiForCausalLM(config).to(dtype)
+    with atomic_path(target) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
     del model
     torch.cuda.empty_cache()
     return target
