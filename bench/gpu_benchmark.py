@@ -72,8 +72,8 @@ PROGRESS = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.]+).*?([\d,]+) tokens/s")
 LOGGED_EVERY = 4  # steps between progress lines: each reads the token count, a wait for the GPU (the profile: 10)
 BENCH_RUN = {"max_steps": STEPS, "logging_steps": LOGGED_EVERY, "save_steps": 100_000, "eval_steps": None}
 # the seed notebooks' recipe (TrainSettings' defaults): micro-batch 2 x grad-accum 8, dynamic padding, paged AdamW
-# 8-bit, gradient checkpointing, bf16 autocast
-SEED = dataclasses.replace(TrainSettings(), **BENCH_RUN)
+# 8-bit, gradient checkpointing, bf16 autocast, on TRL and transformers as shipped
+SEED = dataclasses.replace(TrainSettings(), speedups=False, **BENCH_RUN)
 # the phi2 profile's: 16 x 1, length-grouped, padded to a multiple of 64, no checkpointing, fused AdamW, two workers
 BEST = dataclasses.replace(PROFILES["phi2"].train, **BENCH_RUN)
 RECIPES: dict[str, TrainSettings] = {
@@ -91,10 +91,7 @@ RECIPES: dict[str, TrainSettings] = {
     "padding_free": dataclasses.replace(BEST, padding_free=True, group_by_length=False),
 }
 # the profile's batch and layout on TRL and transformers as shipped
-if "speedups" in {field.name for field in dataclasses.fields(TrainSettings)}:
-    RECIPES["stock"] = dataclasses.replace(BEST, speedups=False)
-# recipes that run Phi-2's activation as published (`gelu_new`, eight ops) instead of the loader's fused one
-PUBLISHED_ACTIVATION = ("seed", "stock")
+RECIPES["stock"] = dataclasses.replace(BEST, speedups=False)
 # the 4-bit + LoRA path's generation: the profile's settings on the unmerged model (transformers' generate)
 UNMERGED_GENERATION = dataclasses.replace(PROFILES["phi2"].generation, merged_bf16=False, cache="dynamic")
 # SDPA kernels other than cuDNN's (which plans each new shape on the host), for generation trials
@@ -109,8 +106,7 @@ GENERATION_VARIANTS = {
     "merged_bf16_eager_steps": {"cuda_graph": False},  # every decoding step launched from Python
     "merged_bf16_two_batches": {"batch_size": 250},  # near the memory-filling split of earlier runs (358 + 142)
 }
-if "speedups" in {field.name for field in dataclasses.fields(generate.GenerationSettings)}:
-    GENERATION_VARIANTS["merged_bf16_stock"] = {"speedups": False}  # transformers' generate as shipped
+GENERATION_VARIANTS["merged_bf16_stock"] = {"speedups": False}  # transformers' generate as shipped
 details: dict = {"steps": STEPS, "effective_batch": EFFECTIVE_BATCH,
                  "peak_bf16_flops_used": gpu_metrics.PEAK_BF16_FLOPS}
 
@@ -203,17 +199,6 @@ def free_memory() -> None:
     torch.cuda.empty_cache()
 
 
-def use_activation(model, fused: bool) -> None:
-    """Phi-2 as published computes `gelu_new` in eight ops; the loader fuses it. The seed recipe gets it back."""
-    from transformers.activations import NewGELUActivation
-
-    if fused:
-        models.fuse_tanh_gelu(model)
-        return
-    for layer in model.model.layers:
-        layer.mlp.activation_fn = NewGELUActivation()
-
-
 def check_packed_equals_padded(model, rows) -> dict:
     """Padding-free batches rely on transformers turning position_ids into a block-diagonal mask under SDPA
     (TRL documents flash-attention only): the same sequences padded and packed must give the same log-probs."""
@@ -266,8 +251,6 @@ RECORDED_SETTINGS = ("per_device_batch_size", "gradient_accumulation_steps", "gr
 
 def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, evaluation,
                  flops_per_token: float) -> dict:
-    fused = name not in PUBLISHED_ACTIVATION
-    use_activation(model, fused=fused)
     lines: list[tuple[float, str]] = []
 
     def on_log(text: str) -> None:
@@ -283,12 +266,10 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
                               WORK / "checkpoints", on_log)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
-        use_activation(model, fused=True)
     steady = steady_rate(lines, artifact.tokens_seen)
     tok_s = steady.get("steady_tok_s", artifact.tokens_per_second)
     result = {
-        "settings": {key: getattr(settings, key) for key in RECORDED_SETTINGS if hasattr(settings, key)},
-        "fused_gelu": fused,
+        "settings": {key: getattr(settings, key) for key in RECORDED_SETTINGS},
         "tok_s": round(tok_s),
         "tok_s_end_to_end": round(artifact.tokens_per_second),
         "first_log_s": round(steady.get("first_log_s", float("nan")), 2),
@@ -324,7 +305,7 @@ def generation_run(name: str, model, tokenizer, articles: list[str], settings) -
         "nonempty_rate": result.success_rate,
         "mean_new_tokens": round(float(np.mean([r.new_tokens for r in records])), 1),
         "peak_mem_gib": gpu_metrics.gib(torch.cuda.max_memory_allocated()),
-        "settings": {key: getattr(settings, key) for key in GENERATION_SETTINGS if hasattr(settings, key)},
+        "settings": {key: getattr(settings, key) for key in GENERATION_SETTINGS},
     }
     return records
 
@@ -333,7 +314,7 @@ def split_batches(model, tokenizer, articles: list[str], settings) -> None:
     """Each batch of the profile's run again with one new token: its prefill time. The rest of the batch's time,
     per decoding step, against the cache it reads (rows x cache length), with CUDA graphs and with eager steps.
     (`max_new_tokens=1` on all articles would let the planner split them differently.)"""
-    from phi2_assets.ml.batch_planning import cache_length
+    from phi2_assets.ml.speedups.batch_planning import cache_length
     from phi2_assets.ml.tokenization import encode_prompts
 
     generation = details["generation"]

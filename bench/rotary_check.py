@@ -15,8 +15,8 @@ import json
 import torch
 
 from bench import gpu_metrics
-from phi2_assets.ml import rotary
-from phi2_assets.ml.rotary_kernel import rotate
+from phi2_assets.ml.speedups import fused_rotary as rotary
+from phi2_assets.ml.speedups.fused_rotary_kernel import rotate
 
 HEADS, HEAD_DIM, ROTARY = 32, 80, 32  # Phi-2: 2,560 = 32 x 80, partial rotary 0.4
 
