@@ -29,15 +29,21 @@ def _launchpad_type(annotation: object) -> object:
     return annotation
 
 
-def config_class(name: str, settings_cls: type, defaults: object, doc: str) -> type[dg.Config]:
+def config_class(
+    name: str, settings_cls: type, defaults: object, doc: str,
+    base: type[dg.Config] = dg.Config, leave_out: frozenset[str] = frozenset(),
+) -> type[dg.Config]:
+    """A config with the fields of `settings_cls` (less `leave_out`) on top of `base`'s."""
     hints = typing.get_type_hints(settings_cls)
     fields = {}
     for field in dataclasses.fields(settings_cls):
+        if field.name in leave_out:
+            continue
         default = getattr(defaults, field.name)
         if isinstance(default, tuple):
             default = list(default)
         fields[field.name] = (_launchpad_type(hints[field.name]), pydantic.Field(default=default, description=field.metadata.get("doc")))
-    return pydantic.create_model(name, __base__=dg.Config, __module__=__name__, __doc__=doc, **fields)
+    return pydantic.create_model(name, __base__=base, __module__=__name__, __doc__=doc, **fields)
 
 
 def to_settings(settings_cls: type[Settings], config: dg.Config) -> Settings:
@@ -51,7 +57,15 @@ CleaningConfig = config_class("CleaningConfig", CleaningSettings, PROFILE.cleani
 TokenizeConfig = config_class("TokenizeConfig", TokenizeSettings, PROFILE.tokenize, "Prompt template and sequence length")
 EvaluationSetConfig = config_class("EvaluationSetConfig", EvaluationSetSettings, PROFILE.evaluation_set, "Which cleaned rows are evaluated")
 SummariesConfig = config_class("SummariesConfig", GenerationSettings, PROFILE.generation, "Decoding of the evaluation summaries")
-TemplateComparisonConfig = config_class("TemplateComparisonConfig", TemplateComparisonSettings, PROFILE.template_comparison, "Templates compared zero-shot")
+# The comparison decodes like the summaries (same defaults), except that each compared template replaces `template`.
+TemplateDecodingConfig = config_class(
+    "TemplateDecodingConfig", GenerationSettings, PROFILE.generation, "Decoding of the template comparison",
+    leave_out=frozenset({"template"}),
+)
+TemplateComparisonConfig = config_class(
+    "TemplateComparisonConfig", TemplateComparisonSettings, PROFILE.template_comparison,
+    "Templates compared zero-shot, and their decoding", base=TemplateDecodingConfig,
+)
 TrainConfig = config_class("TrainConfig", TrainSettings, PROFILE.train, "LoRA and optimizer settings of the adapter's training run")
 
 

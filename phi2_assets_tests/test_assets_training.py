@@ -1,5 +1,6 @@
 """`lora_adapter` materialized for real on the tiny profile, with its checks."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,12 @@ def test_lora_adapter_trains_passes_its_checks_and_keeps_one_dir_per_run(materia
 
     artifact = _load_record(data_dir() / "assets" / "lora_adapter.json")
     assert isinstance(artifact, AdapterArtifact)
+    # the metadata is the record: every field but the loss series (plotted), under its own name
+    series = {"train_loss_steps", "train_losses", "eval_loss_steps", "eval_losses"}
+    assert {field.name for field in dataclasses.fields(artifact)} - series <= set(metadata)
+    assert metadata["eval_loss"] == round(artifact.eval_loss, 4) and metadata["lora_r"] == artifact.lora_r
+    assert metadata["target_modules"] == ", ".join(artifact.target_modules)
+    assert metadata["perplexity"] == round(artifact.perplexity, 2)
     assert Path(artifact.path) == Path(metadata["path"]) == data_dir() / "adapters" / result.run_id
     base = AutoModelForCausalLM.from_pretrained(tiny_phi()[1])
     assert adapter_parameter_count(base, artifact.path) == artifact.trainable_parameters
