@@ -65,7 +65,9 @@ def source_closure(modules: Iterable[str], root: Path = PACKAGES_ROOT) -> dict[s
             continue
         trees[name] = _tree(path)
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        pending += [n for n in _imported_names(trees[name], package) if n == ML_PACKAGE or n.startswith(f"{ML_PACKAGE}.")]
+        pending += [
+            n for n in _imported_names(trees[name], package) if n == ML_PACKAGE or n.startswith(f"{ML_PACKAGE}.")
+        ]
     return trees
 
 

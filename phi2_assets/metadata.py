@@ -60,7 +60,10 @@ def _schema(types: Mapping[str, str]) -> dg.TableSchema:
 
 def _table(row_count: int, schema: dg.TableSchema) -> dict[str, object]:
     # the keys `dg.TableMetadataSet` writes; Dagster 1.13 keeps that class out of its public API, not the keys
-    return {"dagster/row_count": dg.MetadataValue.int(row_count), "dagster/column_schema": dg.MetadataValue.table_schema(schema)}
+    return {
+        "dagster/row_count": dg.MetadataValue.int(row_count),
+        "dagster/column_schema": dg.MetadataValue.table_schema(schema),
+    }
 
 
 def table_metadata(frame: pd.DataFrame) -> dict[str, object]:
@@ -98,10 +101,13 @@ def adapter_metadata(artifact: AdapterArtifact) -> dict[str, object]:
         {
             "train loss": (artifact.train_loss_steps, artifact.train_losses),
             "eval loss (step 0 = base model)": (
-                [0, *artifact.eval_loss_steps], [artifact.base_eval_loss, *artifact.eval_losses],
+                [0, *artifact.eval_loss_steps],
+                [artifact.base_eval_loss, *artifact.eval_losses],
             ),
         },
-        title="lora_adapter: loss", xlabel="optimizer step", ylabel="loss on summary tokens",
+        title="lora_adapter: loss",
+        xlabel="optimizer step",
+        ylabel="loss on summary tokens",
     )
     return {
         **record_figures(artifact),

@@ -49,7 +49,9 @@ def test_user_xsum_dir_with_a_bad_line_fails_cleanly_and_keeps_the_last_value(de
     for split in ("validation", "test"):
         (tmp_path / f"{split}.jsonl").write_text(good.replace('"1"', f'"{split}"'))
     resources = {**defs.resources, "xsum_source": XsumSource(kind="dir", directory=str(tmp_path))}
-    result = dg.materialize([*defs.assets], selection=raw_only, resources=resources, instance=instance, raise_on_error=False)
+    result = dg.materialize(
+        [*defs.assets], selection=raw_only, resources=resources, instance=instance, raise_on_error=False
+    )
     failure = result.failure_data_for_node("raw_xsum")
     assert not result.success and failure.user_failure_data.metadata["error"].value == "XsumInputError"
     assert f"{tmp_path / 'train.jsonl'}, line 2: malformed JSON" in failure.user_failure_data.description

@@ -15,7 +15,13 @@ from phi2_assets.ml.scoring import ROUGE_TYPES, score_pairs
 from phi2_assets.profiles import data_dir
 from phi2_assets_tests.conftest import check_results, materializations
 
-EVALUATION_ASSETS = ("evaluation_xsum", "baseline_summaries", "finetuned_summaries", "prompt_template_report", "rouge_report")
+EVALUATION_ASSETS = (
+    "evaluation_xsum",
+    "baseline_summaries",
+    "finetuned_summaries",
+    "prompt_template_report",
+    "rouge_report",
+)
 
 
 def stored(name: str) -> pd.DataFrame:
@@ -81,7 +87,9 @@ def test_template_comparison_reuses_the_baseline_template_and_follows_its_own_co
     shorter = {"ops": {"prompt_template_report": {"config": {"max_new_tokens": 5, "templates": ["seed", "tldr"]}}}}
     rerun = materializations(materialize("prompt_template_report", run_config=shorter))["prompt_template_report"]
     assert rerun["max_new_tokens"] == rerun["decoding"]["max_new_tokens"] == 5
-    assert rerun["reused_template"] == "" and rerun["reuse"] == "decoding differs from baseline_summaries (max_new_tokens)"
+    assert (
+        rerun["reused_template"] == "" and rerun["reuse"] == "decoding differs from baseline_summaries (max_new_tokens)"
+    )
     assert set(stored("prompt_template_report")["source"]) == {"generated"}
 
 
@@ -126,7 +134,11 @@ def test_jobs_and_schedule_target_evaluation(defs):
     repository = defs.get_repository_def()
     job = defs.resolve_job_def("evaluation_job")
     nodes = {node.name for node in job.graph.node_defs}
-    assert set(EVALUATION_ASSETS) <= nodes and "baseline_summaries_generation_success_rate" in nodes and "lora_adapter" not in nodes
+    assert (
+        set(EVALUATION_ASSETS) <= nodes
+        and "baseline_summaries_generation_success_rate" in nodes
+        and "lora_adapter" not in nodes
+    )
     schedule = repository.get_schedule_def("weekly_reevaluation")
     assert schedule.job_name == "evaluation_job" and schedule.cron_schedule == "0 6 * * 1"
     assert "evaluation_follows_adapter" in {sensor.name for sensor in repository.sensor_defs}

@@ -28,7 +28,11 @@ def test_lora_adapter_trains_passes_its_checks_and_keeps_one_dir_per_run(materia
     assert metadata["loss_curve"].startswith("![loss curve](data:image/png;base64,")
     assert "fp32" in metadata["precision"] or "bf16" in metadata["precision"]
     checks = check_results(result)
-    assert {name for key, name in checks if key == "lora_adapter"} == {"losses_finite", "eval_loss_below_base", "loads_back"}
+    assert {name for key, name in checks if key == "lora_adapter"} == {
+        "losses_finite",
+        "eval_loss_below_base",
+        "loads_back",
+    }
     assert all(passed for (key, _), passed in checks.items() if key == "lora_adapter"), checks
 
     artifact = _load_record(data_dir() / "assets" / "lora_adapter.json")
@@ -49,7 +53,9 @@ def test_lora_adapter_trains_passes_its_checks_and_keeps_one_dir_per_run(materia
 
 
 def test_impossible_settings_fail_before_training(materialize):
-    result = materialize("lora_adapter", run_config={"ops": {"lora_adapter": {"config": {"lora_r": 0}}}}, raise_on_error=False)
+    result = materialize(
+        "lora_adapter", run_config={"ops": {"lora_adapter": {"config": {"lora_r": 0}}}}, raise_on_error=False
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "lora_r must be at least 1" in str(failure.event_specific_data.error)

@@ -10,7 +10,9 @@ from phi2_assets.code_versions import PACKAGES_ROOT, code_version, source_closur
 
 @pytest.fixture
 def package_copy(tmp_path):
-    shutil.copytree(PACKAGES_ROOT / "phi2_assets", tmp_path / "phi2_assets", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        PACKAGES_ROOT / "phi2_assets", tmp_path / "phi2_assets", ignore=shutil.ignore_patterns("__pycache__")
+    )
     return tmp_path
 
 
@@ -19,7 +21,10 @@ def test_every_asset_has_a_source_version(defs):
     versions = {key.to_user_string(): graph.get(key).code_version for key in graph.materializable_asset_keys}
     assert all(version and len(version) == 12 and version != "1" for version in versions.values()), versions
     assert versions["raw_xsum_train"] == versions["raw_xsum_test"] == code_version("phi2_assets.ml.sources")
-    assert len({versions[name] for name in ("raw_xsum_train", "cleaned_xsum_train", "tokenized_xsum", "lora_adapter")}) == 4
+    assert (
+        len({versions[name] for name in ("raw_xsum_train", "cleaned_xsum_train", "tokenized_xsum", "lora_adapter")})
+        == 4
+    )
 
 
 def test_the_closure_follows_imports_into_the_ml_core():

@@ -112,7 +112,11 @@ def test_missing_id_gets_a_stable_one(tmp_path):
     ("content", "line", "problem"),
     [
         (b'{"id": "1", "document": "d", "summary": "s"}\n{"id": "2", "document": \n', 2, "malformed JSON"),
-        (b'{"id": "1", "document": "d", "summary": "s"}\n{"id": "2", "document": "d"}\n', 2, "missing column 'summary'"),
+        (
+            b'{"id": "1", "document": "d", "summary": "s"}\n{"id": "2", "document": "d"}\n',
+            2,
+            "missing column 'summary'",
+        ),
         (b'{"id": "1", "document": "caf\xe9", "summary": "s"}\n', 1, "not UTF-8"),
         (b'["not", "an", "object"]\n', 1, "expected a JSON object"),
         (b'{"id": "1", "document": 7, "summary": "s"}\n', 1, "'document' must be a string"),

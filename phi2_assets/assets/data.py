@@ -12,7 +12,14 @@ import pandas as pd
 
 from phi2_assets.code_versions import code_version
 from phi2_assets.config import CleaningConfig, TokenizeConfig, to_settings
-from phi2_assets.metadata import dataset_metadata, flat_figures, png_markdown, table_markdown, table_metadata, token_metadata
+from phi2_assets.metadata import (
+    dataset_metadata,
+    flat_figures,
+    png_markdown,
+    table_markdown,
+    table_metadata,
+    token_metadata,
+)
 from phi2_assets.ml import plots, stats
 from phi2_assets.ml.cleaning import CleaningSettings, audit_splits, clean_splits, word_counts
 from phi2_assets.ml.sources import SPLITS
@@ -78,7 +85,8 @@ def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
         split: dg.AssetOut(
             key=cleaned_key(split),
             description=(
-                f"XSum {split} rows with normalised text, boilerplate removed, bad, duplicate and leaked rows dropped, capped."
+                f"XSum {split} rows with normalised text, boilerplate removed, bad, duplicate and leaked rows "
+                "dropped, capped."
             ),
             kinds={"parquet", "pandas"},
             owners=OWNERS,
@@ -92,8 +100,11 @@ def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
     check_specs=[dg.AssetCheckSpec("clean_and_disjoint", asset=cleaned_key(split), blocking=True) for split in SPLITS],
 )
 def cleaned_xsum(
-    context: dg.AssetExecutionContext, config: CleaningConfig,
-    raw_train: pd.DataFrame, raw_validation: pd.DataFrame, raw_test: pd.DataFrame,
+    context: dg.AssetExecutionContext,
+    config: CleaningConfig,
+    raw_train: pd.DataFrame,
+    raw_validation: pd.DataFrame,
+    raw_test: pd.DataFrame,
 ):
     """Clean all splits together: leakage between splits is only visible with every split in hand. The
     `clean_and_disjoint` check runs here for the same reason."""
@@ -107,7 +118,8 @@ def cleaned_xsum(
         frame = result.frames[split]
         histogram = plots.histograms_png(
             {"document words": word_counts(frame["document"]), "summary words": word_counts(frame["summary"])},
-            title=f"cleaned_xsum/{split}: length distribution", xlabel="words",
+            title=f"cleaned_xsum/{split}: length distribution",
+            xlabel="words",
         )
         yield dg.Output(
             frame,
@@ -123,7 +135,9 @@ def cleaned_xsum(
             },
         )
         yield dg.AssetCheckResult(
-            asset_key=cleaned_key(split), check_name="clean_and_disjoint", passed=not problems[split],
+            asset_key=cleaned_key(split),
+            check_name="clean_and_disjoint",
+            passed=not problems[split],
             description="; ".join(problems[split]) or "no empty text, no duplicate ids, no id in another split",
             metadata={"rows": len(frame)},
         )
@@ -138,8 +152,11 @@ def cleaned_xsum(
     retry_policy=HUB_RETRY_POLICY,
 )
 def tokenized_xsum(
-    context: dg.AssetExecutionContext, config: TokenizeConfig, base_model: BaseModelResource,
-    cleaned_train: pd.DataFrame, cleaned_validation: pd.DataFrame,
+    context: dg.AssetExecutionContext,
+    config: TokenizeConfig,
+    base_model: BaseModelResource,
+    cleaned_train: pd.DataFrame,
+    cleaned_validation: pd.DataFrame,
 ) -> dg.Output[datasets.DatasetDict]:
     """Train and validation as the trainer needs them: prompt + summary + EOS, loss on the summary only.
 
@@ -155,7 +172,9 @@ def tokenized_xsum(
         figures_by_split[split] = token_stats(splits[split])
         metadata.update(token_metadata(split, figures_by_split[split], dropped))
     plot = plots.histograms_png(
-        {"train sequence tokens": figures_by_split["train"].lengths}, title="tokenized_xsum: sequence lengths", xlabel="tokens",
+        {"train sequence tokens": figures_by_split["train"].lengths},
+        title="tokenized_xsum: sequence lengths",
+        xlabel="tokens",
     )
     splits = datasets.DatasetDict(splits)
     return dg.Output(

@@ -106,11 +106,17 @@ def _csv_header(path: Path, rows) -> list[str]:
         raise XsumInputError(path, 1, "no header row") from None
     missing = [column for column in TEXT_COLUMNS if column not in header]
     if missing:
-        hint = " (fields must be separated by commas)" if len(header) == 1 and (";" in header[0] or "\t" in header[0]) else ""
+        hint = (
+            " (fields must be separated by commas)"
+            if len(header) == 1 and (";" in header[0] or "\t" in header[0])
+            else ""
+        )
         raise XsumInputError(path, 1, f"missing column {', '.join(repr(m) for m in missing)} in the header{hint}")
     repeated = sorted({column for column in header if header.count(column) > 1})
     if repeated:
-        raise XsumInputError(path, 1, f"column {', '.join(repr(r) for r in repeated)} appears more than once in the header")
+        raise XsumInputError(
+            path, 1, f"column {', '.join(repr(r) for r in repeated)} appears more than once in the header"
+        )
     return header
 
 
@@ -129,7 +135,7 @@ def _read_csv(path: Path) -> list[dict]:
         if fields:
             if len(fields) != len(header):
                 raise XsumInputError(path, line, f"{len(fields)} fields, the header has {len(header)}")
-            record = {column: _unix_newlines(value) for column, value in zip(header, fields)}
+            record = {column: _unix_newlines(value) for column, value in zip(header, fields, strict=True)}
             records.append(_validated(record, path, line))
         line = rows.line_num + 1
 
@@ -164,7 +170,9 @@ def find_split_file(directory: Path, split: str) -> Path:
     if len(found) > 1:
         raise XsumInputError(directory, None, f"{' and '.join(p.name for p in found)} both hold {split}: keep one")
     if not found:
-        raise XsumInputError(directory, None, f"no {' or '.join(split + suffix for suffix in FILE_SUFFIXES)} in this directory")
+        raise XsumInputError(
+            directory, None, f"no {' or '.join(split + suffix for suffix in FILE_SUFFIXES)} in this directory"
+        )
     return found[0]
 
 
