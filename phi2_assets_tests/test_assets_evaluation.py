@@ -11,11 +11,17 @@ import pytest
 from phi2_assets.checks import generation_success
 from phi2_assets.ml.prompts import TEMPLATES
 from phi2_assets.ml.reports import PLOT_FILES, REPORT_FILES
-from phi2_assets.ml.scoring import ROUGE_TYPES
+from phi2_assets.ml.scoring import ROUGE_TYPES, score_pairs
 from phi2_assets.profiles import data_dir
 from phi2_assets_tests.conftest import check_results, materializations
 
-EVALUATION_ASSETS = ("evaluation_xsum", "baseline_summaries", "finetuned_summaries", "prompt_template_report", "rouge_report")
+EVALUATION_ASSETS = (
+    "evaluation_xsum",
+    "baseline_summaries",
+    "finetuned_summaries",
+    "prompt_template_report",
+    "rouge_report",
+)
 
 
 def stored(name: str) -> pd.DataFrame:
@@ -34,12 +40,20 @@ def test_whole_graph_materializes_with_evaluation_metadata(whole_graph):
     assert set(EVALUATION_ASSETS) <= set(metadata)
     for name in ("baseline_summaries", "finetuned_summaries"):
         figures = metadata[name]
-        assert figures["rows"] == 8 and figures["summaries_per_second"] > 0 and figures["batch_size"] == 4
+        assert figures["rows"] == figures["dagster/row_count"] == 8 and figures["batch_size"] == 4
+        assert figures["summaries_per_second"] > 0 and figures["decoding"]["max_new_tokens"] == 16
         assert 0 <= figures["success_rate"] <= 1 and figures["preview"].startswith("| article")
+        assert {"id", "generated", "status"} <= {column.name for column in figures["dagster/column_schema"].columns}
+    for name in ("evaluation_xsum", "prompt_template_report"):
+        assert metadata[name]["dagster/row_count"] == len(stored(name))
     report = metadata["rouge_report"]
+    assert next(iter(report)) == "rouge_f1", "the report leads with its table"
+    assert report["rouge_f1"].splitlines()[0] == "| model | " + " | ".join(ROUGE_TYPES) + " |"
     for model in ("baseline", "finetuned"):
         for name in ROUGE_TYPES:
-            assert 0 <= report[f"{model}_{name}"] <= 1 and report[f"{model}_{name}_ci95"].startswith("[")
+            low, mean, high = (report[f"{model}_{name}{part}"] for part in ("_ci95_low", "", "_ci95_high"))
+            assert all(isinstance(value, float) for value in (low, mean, high)) and 0 <= low <= mean <= high <= 1
+            assert f"{mean:.4f} [{low:.4f}, {high:.4f}]" in report["rouge_f1"]
     for plot in PLOT_FILES:
         assert report[plot.removesuffix(".png")].startswith("![")
     checks = check_results(whole_graph)
@@ -59,6 +73,24 @@ def test_every_summary_asset_uses_the_same_rows(whole_graph):
     templates = stored("prompt_template_report")
     assert sorted(templates["template"]) == sorted(TEMPLATES)
     assert templates["rougeL"].is_monotonic_decreasing
+
+
+def test_template_comparison_reuses_the_baseline_template_and_follows_its_own_config(whole_graph, materialize):
+    comparison = materializations(whole_graph)["prompt_template_report"]
+    assert comparison["reused_template"] == "seed" and "baseline_summaries' first 4 rows" in comparison["reuse"]
+    table = stored("prompt_template_report").set_index("template")
+    assert table.loc["seed", "source"] == "baseline_summaries" and set(table.drop("seed")["source"]) == {"generated"}
+    first = stored("baseline_summaries").head(4)
+    expected = score_pairs(first["generated"].tolist(), first["summary"].tolist()).mean()
+    assert table.loc["seed", "rougeL"] == round(float(expected["rougeL"]), 4)
+
+    shorter = {"ops": {"prompt_template_report": {"config": {"max_new_tokens": 5, "templates": ["seed", "tldr"]}}}}
+    rerun = materializations(materialize("prompt_template_report", run_config=shorter))["prompt_template_report"]
+    assert rerun["max_new_tokens"] == rerun["decoding"]["max_new_tokens"] == 5
+    assert (
+        rerun["reused_template"] == "" and rerun["reuse"] == "decoding differs from baseline_summaries (max_new_tokens)"
+    )
+    assert set(stored("prompt_template_report")["source"]) == {"generated"}
 
 
 def test_report_holds_every_file_and_metric(whole_graph):
@@ -102,7 +134,11 @@ def test_jobs_and_schedule_target_evaluation(defs):
     repository = defs.get_repository_def()
     job = defs.resolve_job_def("evaluation_job")
     nodes = {node.name for node in job.graph.node_defs}
-    assert set(EVALUATION_ASSETS) <= nodes and "baseline_summaries_generation_success_rate" in nodes and "lora_adapter" not in nodes
+    assert (
+        set(EVALUATION_ASSETS) <= nodes
+        and "baseline_summaries_generation_success_rate" in nodes
+        and "lora_adapter" not in nodes
+    )
     schedule = repository.get_schedule_def("weekly_reevaluation")
     assert schedule.job_name == "evaluation_job" and schedule.cron_schedule == "0 6 * * 1"
     assert "evaluation_follows_adapter" in {sensor.name for sensor in repository.sensor_defs}

@@ -1,5 +1,6 @@
 """`lora_adapter` materialized for real on the tiny profile, with its checks."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -27,11 +28,21 @@ def test_lora_adapter_trains_passes_its_checks_and_keeps_one_dir_per_run(materia
     assert metadata["loss_curve"].startswith("![loss curve](data:image/png;base64,")
     assert "fp32" in metadata["precision"] or "bf16" in metadata["precision"]
     checks = check_results(result)
-    assert {name for key, name in checks if key == "lora_adapter"} == {"losses_finite", "eval_loss_below_base", "loads_back"}
+    assert {name for key, name in checks if key == "lora_adapter"} == {
+        "losses_finite",
+        "eval_loss_below_base",
+        "loads_back",
+    }
     assert all(passed for (key, _), passed in checks.items() if key == "lora_adapter"), checks
 
     artifact = _load_record(data_dir() / "assets" / "lora_adapter.json")
     assert isinstance(artifact, AdapterArtifact)
+    # the metadata is the record: every field but the loss series (plotted), under its own name
+    series = {"train_loss_steps", "train_losses", "eval_loss_steps", "eval_losses"}
+    assert {field.name for field in dataclasses.fields(artifact)} - series <= set(metadata)
+    assert metadata["eval_loss"] == round(artifact.eval_loss, 4) and metadata["lora_r"] == artifact.lora_r
+    assert metadata["target_modules"] == ", ".join(artifact.target_modules)
+    assert metadata["perplexity"] == round(artifact.perplexity, 2)
     assert Path(artifact.path) == Path(metadata["path"]) == data_dir() / "adapters" / result.run_id
     base = AutoModelForCausalLM.from_pretrained(tiny_phi()[1])
     assert adapter_parameter_count(base, artifact.path) == artifact.trainable_parameters
@@ -42,7 +53,9 @@ def test_lora_adapter_trains_passes_its_checks_and_keeps_one_dir_per_run(materia
 
 
 def test_impossible_settings_fail_before_training(materialize):
-    result = materialize("lora_adapter", run_config={"ops": {"lora_adapter": {"config": {"lora_r": 0}}}}, raise_on_error=False)
+    result = materialize(
+        "lora_adapter", run_config={"ops": {"lora_adapter": {"config": {"lora_r": 0}}}}, raise_on_error=False
+    )
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "lora_r must be at least 1" in str(failure.event_specific_data.error)

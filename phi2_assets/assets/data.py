@@ -1,7 +1,8 @@
 """The `data` group: raw XSum splits, cleaned splits, tokenized training data.
 Splits are one asset each through multi-assets rather than static partitions: the job `phi2_pipeline` must
 run the whole graph in one run (a partitioned asset needs one run per partition), "Materialize all" stays a
-single click, and cleaning has to see every split at once to drop rows that leak between them.
+single click, and cleaning has to see every split at once to drop rows that leak between them. Their keys are
+flat (`raw_xsum_train`, `cleaned_xsum_train`): the lineage graph labels a node by its key's last part.
 """
 
 
@@ -9,8 +10,16 @@ import dagster as dg
 import datasets
 import pandas as pd
 
+from phi2_assets.code_versions import code_version
 from phi2_assets.config import CleaningConfig, TokenizeConfig, to_settings
-from phi2_assets.metadata import flat_figures, png_markdown, table_markdown
+from phi2_assets.metadata import (
+    dataset_metadata,
+    flat_figures,
+    png_markdown,
+    table_markdown,
+    table_metadata,
+    token_metadata,
+)
 from phi2_assets.ml import plots, stats
 from phi2_assets.ml.cleaning import CleaningSettings, audit_splits, clean_splits, word_counts
 from phi2_assets.ml.sources import SPLITS
@@ -23,11 +32,11 @@ OWNERS = ["team:ml-platform"]
 
 
 def raw_key(split: str) -> dg.AssetKey:
-    return dg.AssetKey(["raw_xsum", split])
+    return dg.AssetKey(f"raw_xsum_{split}")
 
 
 def cleaned_key(split: str) -> dg.AssetKey:
-    return dg.AssetKey(["cleaned_xsum", split])
+    return dg.AssetKey(f"cleaned_xsum_{split}")
 
 
 @dg.multi_asset(
@@ -37,7 +46,7 @@ def cleaned_key(split: str) -> dg.AssetKey:
             description=f"XSum {split} rows (id, document, summary) as the profile's source gives them.",
             kinds={"parquet", "pandas"},
             owners=OWNERS,
-            code_version="1",
+            code_version=code_version("phi2_assets.ml.sources"),
             is_required=False,
         )
         for split in SPLITS
@@ -58,10 +67,13 @@ def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
             frame,
             output_name=split,
             metadata={
+                **table_metadata(frame),
                 "source": xsum_source.describe(),
                 "profile": PROFILE.name,
-                "rows": len(frame),
-                **{key: value for column, figures in stats.text_profile(frame).items() for key, value in flat_figures(f"{column}_words", figures).items()},
+                **{
+                    key: value for column, figures in stats.text_profile(frame).items()
+                    for key, value in flat_figures(f"{column}_words", figures).items()
+                },
                 "preview": table_markdown(stats.preview(frame)),
             },
         )
@@ -72,10 +84,13 @@ def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
     outs={
         split: dg.AssetOut(
             key=cleaned_key(split),
-            description=f"XSum {split} rows with normalised text, boilerplate removed, bad, duplicate and leaked rows dropped, capped.",
+            description=(
+                f"XSum {split} rows with normalised text, boilerplate removed, bad, duplicate and leaked rows "
+                "dropped, capped."
+            ),
             kinds={"parquet", "pandas"},
             owners=OWNERS,
-            code_version="1",
+            code_version=code_version("phi2_assets.ml.cleaning"),
             is_required=False,
         )
         for split in SPLITS
@@ -84,7 +99,13 @@ def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
     can_subset=True,  # every split is cleaned (leakage needs them all); only the selected ones are stored
     check_specs=[dg.AssetCheckSpec("clean_and_disjoint", asset=cleaned_key(split), blocking=True) for split in SPLITS],
 )
-def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_train: pd.DataFrame, raw_validation: pd.DataFrame, raw_test: pd.DataFrame):
+def cleaned_xsum(
+    context: dg.AssetExecutionContext,
+    config: CleaningConfig,
+    raw_train: pd.DataFrame,
+    raw_validation: pd.DataFrame,
+    raw_test: pd.DataFrame,
+):
     """Clean all splits together: leakage between splits is only visible with every split in hand. The
     `clean_and_disjoint` check runs here for the same reason."""
     with fail_without_retry():
@@ -97,12 +118,14 @@ def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_
         frame = result.frames[split]
         histogram = plots.histograms_png(
             {"document words": word_counts(frame["document"]), "summary words": word_counts(frame["summary"])},
-            title=f"cleaned_xsum/{split}: length distribution", xlabel="words",
+            title=f"cleaned_xsum/{split}: length distribution",
+            xlabel="words",
         )
         yield dg.Output(
             frame,
             output_name=split,
             metadata={
+                **table_metadata(frame),
                 "rows_in": result.rows_in[split],
                 "rows_out": len(frame),
                 **flat_figures("dropped", result.drops[split]),
@@ -112,7 +135,9 @@ def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_
             },
         )
         yield dg.AssetCheckResult(
-            asset_key=cleaned_key(split), check_name="clean_and_disjoint", passed=not problems[split],
+            asset_key=cleaned_key(split),
+            check_name="clean_and_disjoint",
+            passed=not problems[split],
             description="; ".join(problems[split]) or "no empty text, no duplicate ids, no id in another split",
             metadata={"rows": len(frame)},
         )
@@ -123,12 +148,15 @@ def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_
     group_name="data",
     kinds={"huggingface", "arrow"},
     owners=OWNERS,
-    code_version="1",
+    code_version=code_version("phi2_assets.ml.tokenization"),
     retry_policy=HUB_RETRY_POLICY,
 )
 def tokenized_xsum(
-    context: dg.AssetExecutionContext, config: TokenizeConfig, base_model: BaseModelResource,
-    cleaned_train: pd.DataFrame, cleaned_validation: pd.DataFrame,
+    context: dg.AssetExecutionContext,
+    config: TokenizeConfig,
+    base_model: BaseModelResource,
+    cleaned_train: pd.DataFrame,
+    cleaned_validation: pd.DataFrame,
 ) -> dg.Output[datasets.DatasetDict]:
     """Train and validation as the trainer needs them: prompt + summary + EOS, loss on the summary only.
 
@@ -141,21 +169,18 @@ def tokenized_xsum(
     for split, frame in (("train", cleaned_train), ("validation", cleaned_validation)):
         rows = datasets.Dataset.from_pandas(frame, preserve_index=False)
         splits[split], dropped = tokenize_dataset(rows, tokenizer, settings)
-        figures = figures_by_split[split] = token_stats(splits[split])
-        metadata.update({
-            f"{split}_sequences": figures.sequences,
-            f"{split}_tokens": figures.tokens,
-            f"{split}_supervised_tokens": figures.supervised_tokens,
-            f"{split}_mean_length": round(figures.mean_length, 1),
-            f"{split}_p95_length": figures.p95_length,
-            f"{split}_max_length": figures.max_length,
-            f"{split}_article_truncated_share": round(figures.truncated_share, 3),
-            f"{split}_dropped_summary_too_long": dropped,
-        })
-    plot = plots.histograms_png({"train sequence tokens": figures_by_split["train"].lengths}, title="tokenized_xsum: sequence lengths", xlabel="tokens")
+        figures_by_split[split] = token_stats(splits[split])
+        metadata.update(token_metadata(split, figures_by_split[split], dropped))
+    plot = plots.histograms_png(
+        {"train sequence tokens": figures_by_split["train"].lengths},
+        title="tokenized_xsum: sequence lengths",
+        xlabel="tokens",
+    )
+    splits = datasets.DatasetDict(splits)
     return dg.Output(
-        datasets.DatasetDict(splits),
+        splits,
         metadata={
+            **dataset_metadata(splits),
             **metadata,
             "template": settings.template,
             "max_length": settings.max_length,

@@ -5,15 +5,14 @@ import dagster as dg
 import datasets
 
 from phi2_assets.assets.data import OWNERS
+from phi2_assets.code_versions import code_version
 from phi2_assets.config import LoraAdapterConfig, to_settings
 from phi2_assets.launch.accelerate_pipes import train_with_accelerate
-from phi2_assets.metadata import png_markdown
-from phi2_assets.ml import plots
+from phi2_assets.metadata import adapter_metadata
 from phi2_assets.ml.oom import train_within_memory
 from phi2_assets.ml.train import AdapterArtifact, TrainSettings, train_lora
 from phi2_assets.profiles import data_dir
 from phi2_assets.resources import BaseModelResource
-
 
 
 @dg.asset(
@@ -21,7 +20,8 @@ from phi2_assets.resources import BaseModelResource
     pool="gpu",
     kinds={"pytorch", "huggingface", "peft"},
     owners=OWNERS,
-    code_version="1",
+    # what the ranks of `launcher: accelerate` run is part of how the adapter is made
+    code_version=code_version("phi2_assets.ml.train", "phi2_assets.ml.oom", "phi2_assets.launch.train_entry"),
 )
 def lora_adapter(
     context: dg.AssetExecutionContext, config: LoraAdapterConfig, base_model: BaseModelResource,
@@ -53,41 +53,7 @@ def lora_adapter(
             ),
             settings, retry=config.retry_on_oom, say=context.log.warning,
         )
-    curve = plots.curves_png(
-        {
-            "train loss": (artifact.train_loss_steps, artifact.train_losses),
-            "eval loss (step 0 = base model)": ([0, *artifact.eval_loss_steps], [artifact.base_eval_loss, *artifact.eval_losses]),
-        },
-        title="lora_adapter: loss", xlabel="optimizer step", ylabel="loss on summary tokens",
-    )
     return dg.Output(
         artifact,
-        metadata={
-            "path": dg.MetadataValue.path(artifact.path),
-            "base_model": artifact.base_model,
-            "precision": base_model.precision().reason,
-            "target_modules": ", ".join(artifact.target_modules),
-            "trainable_parameters": artifact.trainable_parameters,
-            "trainable_share_percent": round(100 * artifact.trainable_share, 3),
-            "total_parameters": artifact.total_parameters,
-            "steps": artifact.steps,
-            "resumed_from_step": artifact.resumed_from_step,
-            "final_train_loss": round(artifact.final_train_loss, 4),
-            "mean_train_loss": round(artifact.mean_train_loss, 4),
-            "eval_loss": round(artifact.eval_loss, 4),
-            "base_eval_loss": round(artifact.base_eval_loss, 4),
-            "perplexity": round(artifact.perplexity, 2),
-            "base_perplexity": round(artifact.base_perplexity, 2),
-            "tokens_seen": artifact.tokens_seen,
-            "tokens_per_second": round(artifact.tokens_per_second, 1),
-            "seconds_per_step": round(artifact.seconds_per_step, 2),
-            "train_minutes": round(artifact.train_seconds / 60, 2),
-            "peak_memory_mb": round(artifact.peak_memory_mb),
-            "peak_memory_kind": artifact.peak_memory_kind,
-            "adapter_mb": round(artifact.adapter_bytes / 2**20, 2),
-            "optimizer": artifact.optimizer,
-            "device": artifact.device,
-            "loss_curve": png_markdown(curve, "loss curve"),
-            **launch_metadata,
-        },
+        metadata={**adapter_metadata(artifact), "precision": base_model.precision().reason, **launch_metadata},
     )

