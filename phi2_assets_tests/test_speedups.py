@@ -190,7 +190,7 @@ def test_quickest_batches_trade_padding_against_decoding_steps():
     assert quickest_batches([], [], 10, token_slots=256, prefill_cost=1, step_cost=1, cache_cost=1) == []
 
 
-STAGES_WITH_SPEEDUPS = ("lora_adapter", "baseline_summaries", "finetuned_summaries")
+STAGES_WITH_SPEEDUPS = ("lora_adapter", "baseline_summaries", "finetuned_summaries", "prompt_template_report")
 
 
 def test_the_tiny_graph_with_speedups_off_gives_the_results_of_the_graph_with_them_on(materialize):
