@@ -83,6 +83,8 @@ RECIPES: dict[str, TrainSettings] = {
     "best_compiled": dataclasses.replace(BEST, compile_layers=True),
     # the same padded to each batch's longest row: compiled for dynamic shapes, a new length costs no new compile
     "best_compiled_dynamic_padding": dataclasses.replace(BEST, compile_layers=True, pad_to_multiple_of=None),
+    # the phi2 recipe without dropout on the LoRA input (six adapters per layer)
+    "best_without_lora_dropout": dataclasses.replace(BEST, lora_dropout=0.0),
     # the phi2 profile's recipe with activation checkpointing, under a 16 GB card's memory limit
     "lean": dataclasses.replace(BEST, gradient_checkpointing=True),
     # the phi2 recipe padded to each batch's longest row: nearly every step a new shape
@@ -106,7 +108,8 @@ GENERATION_VARIANTS = {
     "merged_bf16_eager_steps": {"cuda_graph": False},  # every decoding step launched from Python
     "merged_bf16_two_batches": {"batch_size": 250},  # near the memory-filling split of earlier runs (358 + 142)
 }
-GENERATION_VARIANTS["merged_bf16_stock"] = {"speedups": False}  # transformers' generate as shipped
+# transformers' generate as shipped, on its default dynamic cache (its static cache compiles the model first)
+GENERATION_VARIANTS["merged_bf16_stock"] = {"speedups": False, "cache": "dynamic"}
 details: dict = {"steps": STEPS, "effective_batch": EFFECTIVE_BATCH,
                  "peak_bf16_flops_used": gpu_metrics.PEAK_BF16_FLOPS}
 
