@@ -16,6 +16,7 @@ import pydantic
 
 from phi2_assets.profiles import PROFILE
 from phi2_assets.ml.cleaning import CleaningSettings
+from phi2_assets.ml.export import ExportSettings
 from phi2_assets.ml.generate import EvaluationSetSettings, GenerationSettings, TemplateComparisonSettings
 from phi2_assets.ml.settings import Settings, settings_from_mapping
 from phi2_assets.ml.tokenization import TokenizeSettings
@@ -52,6 +53,7 @@ TokenizeConfig = config_class("TokenizeConfig", TokenizeSettings, PROFILE.tokeni
 EvaluationSetConfig = config_class("EvaluationSetConfig", EvaluationSetSettings, PROFILE.evaluation_set, "Which cleaned rows are evaluated")
 SummariesConfig = config_class("SummariesConfig", GenerationSettings, PROFILE.generation, "Decoding of the evaluation summaries")
 TemplateComparisonConfig = config_class("TemplateComparisonConfig", TemplateComparisonSettings, PROFILE.template_comparison, "Templates compared zero-shot")
+ExportConfig = config_class("ExportConfig", ExportSettings, PROFILE.export, "What the export holds and where it goes")
 TrainConfig = config_class("TrainConfig", TrainSettings, PROFILE.train, "LoRA and optimizer settings of the adapter's training run")
 
 

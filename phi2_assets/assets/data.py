@@ -17,6 +17,7 @@ from phi2_assets.ml.sources import SPLITS
 from phi2_assets.ml.tokenization import TokenizeSettings, token_stats, tokenize_dataset
 from phi2_assets.profiles import PROFILE
 from phi2_assets.resources import HUB_RETRY_POLICY, BaseModelResource, XsumSource, fail_without_retry
+from phi2_assets.tracking import MlflowTracking
 
 TRAINING_SPLITS = ("train", "validation")
 OWNERS = ["team:ml-platform"]
@@ -84,11 +85,15 @@ def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
     can_subset=True,  # every split is cleaned (leakage needs them all); only the selected ones are stored
     check_specs=[dg.AssetCheckSpec("clean_and_disjoint", asset=cleaned_key(split), blocking=True) for split in SPLITS],
 )
-def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_train: pd.DataFrame, raw_validation: pd.DataFrame, raw_test: pd.DataFrame):
+def cleaned_xsum(
+    context: dg.AssetExecutionContext, config: CleaningConfig, mlflow_tracking: MlflowTracking,
+    raw_train: pd.DataFrame, raw_validation: pd.DataFrame, raw_test: pd.DataFrame,
+):
     """Clean all splits together: leakage between splits is only visible with every split in hand. The
     `clean_and_disjoint` check runs here for the same reason."""
     with fail_without_retry():
         settings = to_settings(CleaningSettings, config)
+    tracked = mlflow_tracking.record(context, config)
     result = clean_splits({"train": raw_train, "validation": raw_validation, "test": raw_test}, settings)
     problems = audit_splits(result.frames)
     for split in SPLITS:
@@ -109,6 +114,7 @@ def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_
                 **stats.xsum_eda(frame),
                 "length_histogram": png_markdown(histogram, "length histogram"),
                 "preview": table_markdown(stats.preview(frame)),
+                **tracked,
             },
         )
         yield dg.AssetCheckResult(
@@ -128,7 +134,7 @@ def cleaned_xsum(context: dg.AssetExecutionContext, config: CleaningConfig, raw_
 )
 def tokenized_xsum(
     context: dg.AssetExecutionContext, config: TokenizeConfig, base_model: BaseModelResource,
-    cleaned_train: pd.DataFrame, cleaned_validation: pd.DataFrame,
+    mlflow_tracking: MlflowTracking, cleaned_train: pd.DataFrame, cleaned_validation: pd.DataFrame,
 ) -> dg.Output[datasets.DatasetDict]:
     """Train and validation as the trainer needs them: prompt + summary + EOS, loss on the summary only.
 
@@ -161,5 +167,8 @@ def tokenized_xsum(
             "max_length": settings.max_length,
             "tokenizer": base_model.name_or_path,
             "length_plot": png_markdown(plot, "sequence lengths"),
+            **mlflow_tracking.record(context, config, metrics={
+                f"tokenized_xsum.{name}": value for name, value in metadata.items() if name.startswith("train_")
+            }),
         },
     )
