@@ -5,6 +5,7 @@ ROUGE results, optionally the merged full model, all written in one atomic renam
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +26,7 @@ XSUM_DATASET = "EdinburghNLP/xsum"
 # The license an adapter inherits from its base model; other bases are marked `other`.
 BASE_MODEL_LICENSES = {"microsoft/phi-2": "mit", "google/gemma-3-270m": "gemma"}
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
-CARD_TAGS = ["peft", "lora", "qlora", "summarization", "xsum", "trl", "dagster"]
+CARD_TAGS = ["peft", "lora", "summarization", "xsum", "trl", "dagster"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,12 +105,24 @@ def _card_data(facts: CardFacts):
 
 
 def loading_snippet(location: str) -> str:
-    """Three lines that load the adapter onto its base model, its tokenizer and the evaluated decoding settings."""
+    """Three lines that load the adapter onto its base model, and its tokenizer."""
+    quoted = json.dumps(location)
     return (
         "from peft import AutoPeftModelForCausalLM\n"
-        "from transformers import AutoTokenizer, GenerationConfig\n"
-        f"model, tokenizer, decoding = (AutoPeftModelForCausalLM.from_pretrained({location!r}), "
-        f"AutoTokenizer.from_pretrained({location!r}), GenerationConfig.from_pretrained({location!r}))\n"
+        "from transformers import AutoTokenizer\n"
+        f"model, tokenizer = AutoPeftModelForCausalLM.from_pretrained({quoted}), "
+        f"AutoTokenizer.from_pretrained({quoted})\n"
+    )
+
+
+def summarizing_snippet(location: str, template: str) -> str:
+    """A summary with the training prompt and the evaluated decoding settings (one line, greedy)."""
+    return (
+        "from transformers import GenerationConfig\n"
+        f"decoding = GenerationConfig.from_pretrained({json.dumps(location)})\n"
+        f"inputs = tokenizer({json.dumps(template_text(template))}.format(article=article), return_tensors=\"pt\")\n"
+        "output = model.generate(**inputs, generation_config=decoding)\n"
+        "summary = tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip()\n"
     )
 
 
@@ -125,25 +138,25 @@ def _rouge_rows(rouge: Mapping) -> list[str]:
 def card_body(facts: CardFacts, merged: bool) -> str:
     recipe = ["| setting | value |", "|---|---|", *(f"| {key} | {value} |" for key, value in facts.recipe.items())]
     decoding = ", ".join(f"{key}={value}" for key, value in facts.decoding.items())
+    base = facts.base_model
+    if "/" in base:  # a hub id
+        base = f"[{base}](https://huggingface.co/{base})"
     intro = (
-        f"A LoRA adapter for [{facts.base_model}](https://huggingface.co/{facts.base_model}) that writes one-sentence "
-        f"news summaries, fine-tuned on [XSum](https://huggingface.co/datasets/{XSUM_DATASET}) with TRL's SFTTrainer "
-        "(loss on the summary tokens only) by the phi2_assets Dagster pipeline."
+        f"A LoRA adapter for {base} that writes one-sentence news summaries, fine-tuned on "
+        f"[XSum](https://huggingface.co/datasets/{XSUM_DATASET}) with TRL's SFTTrainer (loss on the summary tokens "
+        "only) by the phi2_assets Dagster pipeline."
     )
     method = (
         f"Both models decode the same articles with the `{facts.template}` prompt ({decoding}); the summary is the "
         "first generated line. F1 with stemming; intervals are 95% bootstrap intervals of the mean."
     )
-    usage = (
-        f"Prompt with the training template (`{template_text(facts.template)!r}`, `{{article}}` replaced by the text) "
-        "and pass `generation_config=decoding` to `model.generate`: it stops at the end of the first line, as "
-        "evaluated."
-    )
+    usage = "A summary of `article` with the training prompt and the evaluated decoding (it ends with the line):"
     lines = [
         f"# {facts.title}", "", intro, "", "## Recipe", "", *recipe, "",
         f"## Evaluation: {facts.samples} XSum {facts.split} articles", "", method, "", *_rouge_rows(facts.rouge), "",
         "## Training loss", "", f"![loss curve]({LOSS_CURVE})", "",
-        "## Use", "", "```python", loading_snippet(facts.location).rstrip(), "```", "", usage,
+        "## Use", "", "```python", loading_snippet(facts.location).rstrip(), "```", "",
+        usage, "", "```python", summarizing_snippet(facts.location, facts.template).rstrip(), "```",
     ]
     if merged:
         lines += ["", (f"`{MERGED_DIR}/` holds the adapter merged into the base weights (safetensors), loadable "
