@@ -53,7 +53,7 @@ TokenizeConfig = config_class("TokenizeConfig", TokenizeSettings, PROFILE.tokeni
 EvaluationSetConfig = config_class("EvaluationSetConfig", EvaluationSetSettings, PROFILE.evaluation_set, "Which cleaned rows are evaluated")
 SummariesConfig = config_class("SummariesConfig", GenerationSettings, PROFILE.generation, "Decoding of the evaluation summaries")
 TemplateComparisonConfig = config_class("TemplateComparisonConfig", TemplateComparisonSettings, PROFILE.template_comparison, "Templates compared zero-shot")
-ExportConfig = config_class("ExportConfig", ExportSettings, PROFILE.export, "What the export holds and where it goes")
+ExportConfig = config_class("ExportConfig", ExportSettings, PROFILE.export, "What the export holds, where it goes")
 TrainConfig = config_class("TrainConfig", TrainSettings, PROFILE.train, "LoRA and optimizer settings of the adapter's training run")
 
 

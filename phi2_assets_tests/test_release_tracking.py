@@ -102,7 +102,8 @@ def test_trainer_step_metrics_make_a_loss_history(runs):
         history = runs.client.get_metric_history(run_id, name)
         assert len(history) == 4 and all(point.value > 0 for point in history)
     adapter = materializations(runs.better)["lora_adapter"]
-    assert runs.mlflow_run(runs.better).data.metrics["adapter_eval_loss"] == pytest.approx(adapter["eval_loss"], abs=1e-4)
+    tracked_loss = runs.mlflow_run(runs.better).data.metrics["adapter_eval_loss"]
+    assert tracked_loss == pytest.approx(adapter["eval_loss"], abs=1e-4)
 
 
 def test_rouge_metrics_and_artifacts_are_on_the_run(runs):

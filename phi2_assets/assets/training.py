@@ -64,36 +64,36 @@ def lora_adapter(
     # launched ranks report no step metrics live: their loss history is logged from the artifact
     live = config.launcher == "in_process" and settings.report_to == "mlflow"
     tracked = mlflow_tracking.track_adapter(context, artifact, curve, loss_history=not live)
-    return dg.Output(
-        artifact,
-        metadata={
-            "path": dg.MetadataValue.path(artifact.path),
-            "base_model": artifact.base_model,
-            "precision": base_model.precision().reason,
-            "target_modules": ", ".join(artifact.target_modules),
-            "trainable_parameters": artifact.trainable_parameters,
-            "trainable_share_percent": round(100 * artifact.trainable_share, 3),
-            "total_parameters": artifact.total_parameters,
-            "steps": artifact.steps,
-            "resumed_from_step": artifact.resumed_from_step,
-            "final_train_loss": round(artifact.final_train_loss, 4),
-            "mean_train_loss": round(artifact.mean_train_loss, 4),
-            "eval_loss": round(artifact.eval_loss, 4),
-            "base_eval_loss": round(artifact.base_eval_loss, 4),
-            "perplexity": round(artifact.perplexity, 2),
-            "base_perplexity": round(artifact.base_perplexity, 2),
-            "tokens_seen": artifact.tokens_seen,
-            "tokens_per_second": round(artifact.tokens_per_second, 1),
-            "seconds_per_step": round(artifact.seconds_per_step, 2),
-            "train_minutes": round(artifact.train_seconds / 60, 2),
-            "peak_memory_mb": round(artifact.peak_memory_mb),
-            "peak_memory_kind": artifact.peak_memory_kind,
-            "adapter_mb": round(artifact.adapter_bytes / 2**20, 2),
-            "optimizer": artifact.optimizer,
-            "device": artifact.device,
-            "loss_curve": png_markdown(curve, "loss curve"),
-            "settings": dg.MetadataValue.json(dataclasses.asdict(settings)),
-            **launch_metadata,
-            **tracked,
-        },
-    )
+    return dg.Output(artifact, metadata={
+        **_training_metadata(artifact, base_model.precision().reason), "loss_curve": png_markdown(curve, "loss curve"),
+        "settings": dg.MetadataValue.json(dataclasses.asdict(settings)), **launch_metadata, **tracked,
+    })
+
+
+def _training_metadata(artifact: AdapterArtifact, precision: str) -> dict[str, object]:
+    return {
+        "path": dg.MetadataValue.path(artifact.path),
+        "base_model": artifact.base_model,
+        "precision": precision,
+        "target_modules": ", ".join(artifact.target_modules),
+        "trainable_parameters": artifact.trainable_parameters,
+        "trainable_share_percent": round(100 * artifact.trainable_share, 3),
+        "total_parameters": artifact.total_parameters,
+        "steps": artifact.steps,
+        "resumed_from_step": artifact.resumed_from_step,
+        "final_train_loss": round(artifact.final_train_loss, 4),
+        "mean_train_loss": round(artifact.mean_train_loss, 4),
+        "eval_loss": round(artifact.eval_loss, 4),
+        "base_eval_loss": round(artifact.base_eval_loss, 4),
+        "perplexity": round(artifact.perplexity, 2),
+        "base_perplexity": round(artifact.base_perplexity, 2),
+        "tokens_seen": artifact.tokens_seen,
+        "tokens_per_second": round(artifact.tokens_per_second, 1),
+        "seconds_per_step": round(artifact.seconds_per_step, 2),
+        "train_minutes": round(artifact.train_seconds / 60, 2),
+        "peak_memory_mb": round(artifact.peak_memory_mb),
+        "peak_memory_kind": artifact.peak_memory_kind,
+        "adapter_mb": round(artifact.adapter_bytes / 2**20, 2),
+        "optimizer": artifact.optimizer,
+        "device": artifact.device,
+    }
