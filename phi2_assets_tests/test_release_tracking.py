@@ -244,7 +244,7 @@ def test_mlflow_compares_the_two_runs_in_a_browser(runs, mlflow_server, tmp_path
             for text in (runs.better.run_id, runs.worse.run_id, "lora_adapter.learning_rate"):
                 expect(page.get_by_text(text, exact=True).first).to_be_attached()
             _show_what_differs(page)
-            expect(page.get_by_role("link", name="finetuned_rougeL", exact=True)).to_be_attached()
+            expect(page.get_by_role("link", name="adapter_eval_loss", exact=True)).to_be_attached()
             page.screenshot(path=tmp_path / "mlflow_compare.png", full_page=True)
         finally:
             browser.close()
