@@ -14,7 +14,7 @@ follows_new_adapter = (
 phi2_pipeline = dg.define_asset_job(
     "phi2_pipeline",
     selection=dg.AssetSelection.all(),
-    description="The whole graph in one run: data, training, evaluation.",
+    description="The whole graph in one run: data, training, evaluation, release (champion and export).",
 )
 
 evaluation_job = dg.define_asset_job(

@@ -15,6 +15,7 @@ import dagster as dg
 import pydantic
 
 from phi2_assets.ml.cleaning import CleaningSettings
+from phi2_assets.ml.export import ExportSettings
 from phi2_assets.ml.generate import EvaluationSetSettings, GenerationSettings, TemplateComparisonSettings
 from phi2_assets.ml.settings import Settings, settings_from_mapping
 from phi2_assets.ml.tokenization import TokenizeSettings
@@ -83,6 +84,7 @@ TemplateComparisonConfig = config_class(
     "Templates compared zero-shot, and their decoding",
     base=TemplateDecodingConfig,
 )
+ExportConfig = config_class("ExportConfig", ExportSettings, PROFILE.export, "What the export holds, where it goes")
 TrainConfig = config_class(
     "TrainConfig", TrainSettings, PROFILE.train, "LoRA and optimizer settings of the adapter's training run"
 )

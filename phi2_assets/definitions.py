@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dagster as dg
 
-from phi2_assets.assets import data, evaluation, training
+from phi2_assets.assets import data, evaluation, release, training
 from phi2_assets.automation import evaluation_follows_adapter, evaluation_job, phi2_pipeline, weekly_reevaluation
 from phi2_assets.checks import data_checks, evaluation_checks, training_checks
 from phi2_assets.io_managers import Phi2IOManager
 from phi2_assets.profiles import data_dir
 from phi2_assets.resources import default_resources
 
-all_assets = dg.load_assets_from_modules([data, training, evaluation])
+all_assets = dg.load_assets_from_modules([data, training, evaluation, release])
 
 defs = dg.Definitions(
     assets=all_assets,

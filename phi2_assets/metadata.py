@@ -11,7 +11,6 @@ import dagster as dg
 import datasets
 import pandas as pd
 
-from phi2_assets.ml import plots
 from phi2_assets.ml.tokenization import TokenStats
 from phi2_assets.ml.train import AdapterArtifact
 
@@ -95,20 +94,8 @@ def record_figures(record: object, prefix: str = "") -> dict[str, object]:
     return figures
 
 
-def adapter_metadata(artifact: AdapterArtifact) -> dict[str, object]:
+def adapter_metadata(artifact: AdapterArtifact, loss_curve: bytes) -> dict[str, object]:
     """Everything `lora_adapter` shows of its artifact: the record's figures, what follows from them, the loss curve."""
-    curve = plots.curves_png(
-        {
-            "train loss": (artifact.train_loss_steps, artifact.train_losses),
-            "eval loss (step 0 = base model)": (
-                [0, *artifact.eval_loss_steps],
-                [artifact.base_eval_loss, *artifact.eval_losses],
-            ),
-        },
-        title="lora_adapter: loss",
-        xlabel="optimizer step",
-        ylabel="loss on summary tokens",
-    )
     return {
         **record_figures(artifact),
         "path": dg.MetadataValue.path(artifact.path),
@@ -117,7 +104,7 @@ def adapter_metadata(artifact: AdapterArtifact) -> dict[str, object]:
         "base_perplexity": round(artifact.base_perplexity, 2),
         "train_minutes": round(artifact.train_seconds / 60, 2),
         "adapter_mb": round(artifact.adapter_bytes / 2**20, 2),
-        "loss_curve": png_markdown(curve, "loss curve"),
+        "loss_curve": png_markdown(loss_curve, "loss curve"),
     }
 
 

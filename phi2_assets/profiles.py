@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from phi2_assets.ml.cleaning import CleaningSettings
+from phi2_assets.ml.export import ExportSettings
 from phi2_assets.ml.generate import EvaluationSetSettings, GenerationSettings, TemplateComparisonSettings
 from phi2_assets.ml.models import ModelSpec
 from phi2_assets.ml.tokenization import TokenizeSettings
@@ -44,6 +45,7 @@ class Profile:
     evaluation_set: EvaluationSetSettings
     generation: GenerationSettings
     template_comparison: TemplateComparisonSettings
+    export: ExportSettings
 
 
 PROFILES: dict[str, Profile] = {
@@ -67,6 +69,7 @@ PROFILES: dict[str, Profile] = {
         evaluation_set=EvaluationSetSettings(split="test", samples=60),
         generation=GenerationSettings(max_new_tokens=40, batch_size=20, max_prompt_tokens=256),
         template_comparison=TemplateComparisonSettings(samples=8),
+        export=ExportSettings(merge=True),
     ),
     "tiny": Profile(
         name="tiny",
@@ -83,6 +86,7 @@ PROFILES: dict[str, Profile] = {
         evaluation_set=EvaluationSetSettings(split="test", samples=8),
         generation=GenerationSettings(max_new_tokens=16, batch_size=4, max_prompt_tokens=192),
         template_comparison=TemplateComparisonSettings(samples=4),
+        export=ExportSettings(merge=True),
     ),
     "phi2": Profile(
         name="phi2",
@@ -112,6 +116,7 @@ PROFILES: dict[str, Profile] = {
             max_new_tokens=60, num_beams=1, batch_size=0, max_prompt_tokens=1_066, cache="static", merged_bf16=True,
         ),
         template_comparison=TemplateComparisonSettings(samples=50),
+        export=ExportSettings(merge=False),  # merged, 2.7B parameters make 5.6 GB in bf16
     ),
 }
 

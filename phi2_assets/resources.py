@@ -1,4 +1,4 @@
-"""Resources: where XSum comes from, and the base model (the only code that knows devices and dtypes)."""
+"""Resources: where XSum comes from, the base model (the only code that knows devices and dtypes), the hub upload."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pydantic import PrivateAttr
 
 from phi2_assets.ml import models, sources
 from phi2_assets.profiles import HUB_TOKEN_ENV, PROFILE, data_dir, inside_data_dir
+from phi2_assets.tracking import MlflowTracking
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,22 @@ class BaseModelResource(dg.ConfigurableResource):
             return _MODELS[self._key()], tokenizer
 
 
+class ModelHub(dg.ConfigurableResource):
+    """Where `exported_model` uploads with `push_to_hub`: the Hugging Face hub, with a write token."""
+
+    token: str | None = None
+
+    def require_token(self, repo_id: str) -> str:
+        """The token, or a failure saying how to give one (raised before anything is written or uploaded)."""
+        if not self.token:
+            raise dg.Failure(
+                description=f"push_to_hub={repo_id!r} needs a Hugging Face write token: set {HUB_TOKEN_ENV} where "
+                "the code location runs, or set push_to_hub to null to export locally only",
+                allow_retries=False,
+            )
+        return self.token
+
+
 def default_resources() -> dict[str, object]:
     # The token travels as an EnvVar reference: Dagster never shows or logs its value.
     token = dg.EnvVar(HUB_TOKEN_ENV) if os.environ.get(HUB_TOKEN_ENV) else None
@@ -135,4 +152,6 @@ def default_resources() -> dict[str, object]:
         # `lora_adapter` with `launcher: accelerate` runs `accelerate launch` through this client; a PipesK8sClient
         # subclass here runs the same command in a GPU pod (docs/KUBERNETES.md)
         "training_pipes_client": dg.PipesSubprocessClient(),
+        "mlflow_tracking": MlflowTracking(),
+        "model_hub": ModelHub(token=token),
     }

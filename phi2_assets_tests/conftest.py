@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 # Session fixtures of the UI tests, registered here so the GraphQL and browser tests share one webserver and run.
 from phi2_assets_tests.browser import chromium  # noqa: E402, F401
 from phi2_assets_tests.dagster_ui import dagster_ui, pipeline_run  # noqa: E402, F401
+from phi2_assets_tests.mlflow_server import mlflow_server  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session")

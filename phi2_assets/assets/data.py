@@ -26,6 +26,7 @@ from phi2_assets.ml.sources import SPLITS
 from phi2_assets.ml.tokenization import TokenizeSettings, token_stats, tokenize_dataset
 from phi2_assets.profiles import PROFILE
 from phi2_assets.resources import HUB_RETRY_POLICY, BaseModelResource, XsumSource, fail_without_retry
+from phi2_assets.tracking import MlflowTracking
 
 TRAINING_SPLITS = ("train", "validation")
 OWNERS = ["team:ml-platform"]
@@ -102,6 +103,7 @@ def raw_xsum(context: dg.AssetExecutionContext, xsum_source: XsumSource):
 def cleaned_xsum(
     context: dg.AssetExecutionContext,
     config: CleaningConfig,
+    mlflow_tracking: MlflowTracking,
     raw_train: pd.DataFrame,
     raw_validation: pd.DataFrame,
     raw_test: pd.DataFrame,
@@ -110,6 +112,7 @@ def cleaned_xsum(
     `clean_and_disjoint` check runs here for the same reason."""
     with fail_without_retry():
         settings = to_settings(CleaningSettings, config)
+    tracked = mlflow_tracking.record(context, config)
     result = clean_splits({"train": raw_train, "validation": raw_validation, "test": raw_test}, settings)
     problems = audit_splits(result.frames)
     for split in SPLITS:
@@ -132,6 +135,7 @@ def cleaned_xsum(
                 **stats.xsum_eda(frame),
                 "length_histogram": png_markdown(histogram, "length histogram"),
                 "preview": table_markdown(stats.preview(frame)),
+                **tracked,
             },
         )
         yield dg.AssetCheckResult(
@@ -155,6 +159,7 @@ def tokenized_xsum(
     context: dg.AssetExecutionContext,
     config: TokenizeConfig,
     base_model: BaseModelResource,
+    mlflow_tracking: MlflowTracking,
     cleaned_train: pd.DataFrame,
     cleaned_validation: pd.DataFrame,
 ) -> dg.Output[datasets.DatasetDict]:
@@ -186,5 +191,8 @@ def tokenized_xsum(
             "max_length": settings.max_length,
             "tokenizer": base_model.name_or_path,
             "length_plot": png_markdown(plot, "sequence lengths"),
+            **mlflow_tracking.record(context, config, metrics={
+                f"tokenized_xsum.{name}": value for name, value in metadata.items() if name.startswith("train_")
+            }),
         },
     )

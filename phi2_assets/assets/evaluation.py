@@ -4,6 +4,7 @@ and the ROUGE report. Every summary asset reads `evaluation_xsum`, so all of the
 
 import contextlib
 import dataclasses
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -20,6 +21,7 @@ from phi2_assets.ml.settings import settings_from_mapping
 from phi2_assets.ml.train import AdapterArtifact
 from phi2_assets.profiles import PROFILE, data_dir
 from phi2_assets.resources import BaseModelResource
+from phi2_assets.tracking import MlflowTracking
 
 PREVIEW_ROWS = 8
 # Log a progress line about this often (in batches) while generating.
@@ -33,7 +35,11 @@ SUMMARIES_VERSION = code_version("phi2_assets.ml.generate", "phi2_assets.ml.mode
     code_version=code_version("phi2_assets.ml.generate"),
 )
 def evaluation_xsum(
-    config: EvaluationSetConfig, validation: pd.DataFrame, test: pd.DataFrame
+    context: dg.AssetExecutionContext,
+    config: EvaluationSetConfig,
+    mlflow_tracking: MlflowTracking,
+    validation: pd.DataFrame,
+    test: pd.DataFrame,
 ) -> dg.Output[pd.DataFrame]:
     """The rows every evaluation asset uses (split and cap from config): one selection, so zero-shot, fine-tuned
     and template comparisons provably score the same articles against the same references."""
@@ -46,6 +52,7 @@ def evaluation_xsum(
             "split": settings.split,
             **stats.xsum_eda(rows),
             "preview": table_markdown(stats.preview(rows)),
+            **mlflow_tracking.record(context, config, metrics={"evaluation_rows": len(rows)}),
         },
     )
 
@@ -111,6 +118,14 @@ def _generate(
     )
 
 
+def _tracked(context, mlflow_tracking: MlflowTracking, config: SummariesConfig, output: dg.Output) -> dg.Output:
+    """The summaries output with its config, success rate and speed in the run's MLflow run."""
+    figures = {name: output.metadata[name].value for name in ("success_rate", "summaries_per_second", "mean_words")}
+    name = context.op_def.name
+    link = mlflow_tracking.record(context, config, metrics={f"{name}.{key}": value for key, value in figures.items()})
+    return dg.Output(output.value, metadata={**output.metadata, **link})
+
+
 @contextlib.contextmanager
 def _summary_model(
     base_model: BaseModelResource, settings: generate.GenerationSettings, adapter_path: str | None = None
@@ -140,13 +155,15 @@ def baseline_summaries(
     context: dg.AssetExecutionContext,
     config: SummariesConfig,
     base_model: BaseModelResource,
+    mlflow_tracking: MlflowTracking,
     evaluation_xsum: pd.DataFrame,
 ) -> dg.Output[pd.DataFrame]:
     """Zero-shot summaries of the base model on the evaluation rows: the bar the adapter has to clear.
     One row per article with its status (ok / empty / error); nothing is dropped."""
     settings = to_settings(generate.GenerationSettings, config)
     with _summary_model(base_model, settings) as model:
-        return _generate(context, model, base_model.tokenizer(), evaluation_xsum, settings, "zero-shot")
+        output = _generate(context, model, base_model.tokenizer(), evaluation_xsum, settings, "zero-shot")
+    return _tracked(context, mlflow_tracking, config, output)
 
 
 @dg.asset(
@@ -161,6 +178,7 @@ def finetuned_summaries(
     context: dg.AssetExecutionContext,
     config: SummariesConfig,
     base_model: BaseModelResource,
+    mlflow_tracking: MlflowTracking,
     evaluation_xsum: pd.DataFrame,
     lora_adapter: AdapterArtifact,
 ) -> dg.Output[pd.DataFrame]:
@@ -171,7 +189,8 @@ def finetuned_summaries(
     context.log.info(f"adapter {lora_adapter.path}")
     with _summary_model(base_model, settings, lora_adapter.path) as model:
         output = _generate(context, model, base_model.tokenizer(), evaluation_xsum, settings, "fine-tuned")
-    return dg.Output(output.value, metadata={**output.metadata, "adapter": dg.MetadataValue.path(lora_adapter.path)})
+    output = dg.Output(output.value, metadata={**output.metadata, "adapter": dg.MetadataValue.path(lora_adapter.path)})
+    return _tracked(context, mlflow_tracking, config, output)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +255,7 @@ def prompt_template_report(
     context: dg.AssetExecutionContext,
     config: TemplateComparisonConfig,
     base_model: BaseModelResource,
+    mlflow_tracking: MlflowTracking,
     evaluation_xsum: pd.DataFrame,
     baseline_summaries: pd.DataFrame,
 ) -> dg.Output[pd.DataFrame]:
@@ -283,6 +303,9 @@ def prompt_template_report(
             "decoding": dg.MetadataValue.json(
                 {k: v for k, v in dataclasses.asdict(decoding).items() if k != "template"}
             ),
+            **mlflow_tracking.record(
+                context, config, metrics={f"template.{row['template']}.rougeL": row["rougeL"] for row in table}
+            ),
         },
     )
 
@@ -326,6 +349,7 @@ def _rouge_figures(comparison: reports.Comparison) -> dict[str, float]:
 def rouge_report(
     context: dg.AssetExecutionContext,
     base_model: BaseModelResource,
+    mlflow_tracking: MlflowTracking,
     baseline_summaries: pd.DataFrame,
     finetuned_summaries: pd.DataFrame,
     lora_adapter: AdapterArtifact,
@@ -346,6 +370,12 @@ def rouge_report(
         f"relative_improvement_{name}": None if value is None else round(value, 4)
         for name, value in record.relative_improvement.items()
     }
+    tracked = {
+        **_rouge_figures(comparison),
+        **{f"relative_improvement_{name}": value for name, value in record.relative_improvement.items()},
+        "baseline_success_rate": record.baseline_success_rate,
+        "finetuned_success_rate": record.finetuned_success_rate,
+    }
     return dg.Output(
         record,
         metadata={
@@ -357,5 +387,6 @@ def rouge_report(
             "samples": record.samples,
             "report_dir": dg.MetadataValue.path(record.path),
             **{name.removesuffix(".png"): png_markdown(png, name.removesuffix(".png")) for name, png in pngs.items()},
+            **mlflow_tracking.record(context, metrics=tracked, artifacts={"report": Path(record.path)}),
         },
     )

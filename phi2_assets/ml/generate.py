@@ -163,6 +163,11 @@ def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id
     )
 
 
+def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> GenerationConfig:
+    """The `GenerationConfig` `generate_summaries` decodes with under `settings` (one line: newlines stop it)."""
+    return _generation_config(settings, stop_token_ids(tokenizer, model), tokenizer.pad_token_id)
+
+
 def _first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 

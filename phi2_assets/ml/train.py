@@ -18,7 +18,7 @@ import math
 import resource
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import datasets
@@ -43,6 +43,7 @@ TARGET_MODULES_BY_ARCHITECTURE: dict[str, tuple[str, ...]] = {
 }
 # bitsandbytes optimizers need CUDA; on CPU they fall back to this one.
 CPU_OPTIMIZER = "adamw_torch"
+REPORT_TO = ("none", "mlflow", "tensorboard")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 
@@ -75,6 +76,10 @@ class TrainSettings:
     save_steps: int = documented("optimizer steps between checkpoints (a re-run with the same config resumes from the last)", 50)
     seed: int = documented("seed for LoRA initialisation and data order", 42)
     speedups: bool = documented("run the speed-ups of phi2_assets.ml.speedups (same results); false = TRL's SFTTrainer and transformers as shipped", True)
+    report_to: str = documented(
+        "where step metrics go besides the run log: mlflow (the run's MLflow run, when tracking is on), "
+        "tensorboard (under the data dir) or none", "mlflow",
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -108,6 +113,8 @@ class TrainSettings:
             problems.append(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.report_to not in REPORT_TO:
+            problems.append(f"report_to must be one of {REPORT_TO}, got {self.report_to!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -262,6 +269,8 @@ def _sft_config(settings: TrainSettings, checkpoint_dir: Path, model: PreTrained
         # a NaN or infinite loss is logged as it is, and no step waits for the GPU to test for one
         logging_nan_inf_filter=False,
         disable_tqdm=True,
+        # the caller passes the reporting callbacks `settings.report_to` asks for: transformers' own would configure
+        # themselves from environment variables and write under output_dir, which is deleted after training
         report_to="none",
         use_cpu=device != "cuda",
         dataloader_pin_memory=device == "cuda",
@@ -287,10 +296,12 @@ def train_lora(
     output_dir: Path,
     checkpoint_dir: Path,
     on_log: Callable[[str], None] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> AdapterArtifact:
     """Train a LoRA adapter on `model`, save it (adapter + tokenizer) atomically to `output_dir`, and give `model`
     back as it was. Checkpoints go under `checkpoint_dir/<fingerprint of model, settings and data>`, so a re-run
-    after an interruption resumes only when nothing changed; they are deleted once the adapter is saved."""
+    after an interruption resumes only when nothing changed; they are deleted once the adapter is saved. `callbacks`
+    join the trainer's (step metrics for a tracker)."""
     say = on_log or log.info
     columns = ["input_ids", "labels"]
     train_dataset, eval_dataset = train_dataset.select_columns(columns), eval_dataset.select_columns(columns)
@@ -302,7 +313,7 @@ def train_lora(
         progress = ProgressCallback(say)
         trainer = speedups.trainer_class(settings.speedups)(
             model=peft_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            processing_class=tokenizer, callbacks=[progress],
+            processing_class=tokenizer, callbacks=[progress, *callbacks],
         )
         trainer.remove_callback(PrinterCallback)  # it prints every log dict; ProgressCallback says it in one line
         with speedups.for_training(model, peft_model, settings.speedups, settings.compile_layers):
