@@ -24,7 +24,7 @@ from phi2_assets.profiles import PROFILE, data_dir
 from phi2_assets.resources import ModelHub
 from phi2_assets.tracking import MlflowTracking
 from phi2_assets_tests.conftest import materializations, tiny_phi
-from phi2_assets_tests.test_ui_browser import CHROMIUM, CHROMIUM_FLAGS, UI_TIMEOUT_MS
+from phi2_assets_tests.test_ui_browser import CHROMIUM_FLAGS, UI_TIMEOUT_MS
 
 EXPERIMENT = "release_tests"
 # Ten times lower learning rate, half the steps: the adapter moves less from the random base.
@@ -226,16 +226,15 @@ def test_tracking_disabled_logs_nothing(runs, run_graph):
     ) == []
 
 
-def test_mlflow_compares_the_two_runs_in_a_browser(runs, mlflow_server, tmp_path):
-    """MLflow's run comparison page in Debian's headless Chromium, set up as a reader would: the params that differ,
-    the metrics that differ, and the parallel-coordinates plot of both against the fine-tuned ROUGE-L."""
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} missing: .ci/run installs Debian's chromium package")
+def test_mlflow_compares_the_two_runs_in_a_browser(runs, mlflow_server, chromium, tmp_path):
+    """MLflow's run comparison page in headless Chromium (the `chromium` fixture finds or installs it), set up as a
+    reader would: the params that differ, the metrics that differ, and the parallel-coordinates plot of both against
+    the fine-tuned ROUGE-L."""
     better, worse = (runs.mlflow_run(result) for result in (runs.better, runs.worse))
     run_ids, experiment_ids = [better.info.run_id, worse.info.run_id], [better.info.experiment_id]
     query = f"runs={json.dumps(run_ids)}&experiments={json.dumps(experiment_ids)}"
     with sync_playwright() as driver:
-        browser = driver.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        browser = driver.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport=COMPARE_VIEWPORT)
             page.set_default_timeout(UI_TIMEOUT_MS)

@@ -4,6 +4,7 @@ turn a speed-up off with one warning outside the verified releases."""
 import dataclasses
 import logging
 
+import dagster as dg
 import datasets
 import pytest
 import torch
@@ -194,7 +195,7 @@ STAGES_WITH_SPEEDUPS = ("lora_adapter", "baseline_summaries", "finetuned_summari
 
 
 def test_the_tiny_graph_with_speedups_off_gives_the_results_of_the_graph_with_them_on(materialize):
-    selection = "*rouge_report"
+    selection = dg.AssetSelection.assets("rouge_report").upstream() | dg.AssetSelection.assets("prompt_template_report")
     stock_config = {"ops": {stage: {"config": {"speedups": False}} for stage in STAGES_WITH_SPEEDUPS}}
     fast, stock = materialize(selection), materialize(selection, run_config=stock_config)
     assert fast.success and stock.success
@@ -203,3 +204,6 @@ def test_the_tiny_graph_with_speedups_off_gives_the_results_of_the_graph_with_th
     assert stock_adapter.train_losses == pytest.approx(fast_adapter.train_losses, rel=1e-4)
     for summaries in ("baseline_summaries", "finetuned_summaries"):
         assert stock.asset_value(summaries)["generated"].tolist() == fast.asset_value(summaries)["generated"].tolist()
+    templates = ("template", "rougeL")
+    assert stock.asset_value("prompt_template_report")[list(templates)].equals(
+        fast.asset_value("prompt_template_report")[list(templates)])
