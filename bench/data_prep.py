@@ -80,7 +80,8 @@ def main() -> None:
     print(f"{'cleaning':<12}{cleaning_s:>10.1f}{args.rows / cleaning_s:>12,.0f}")
     print(f"{'tokenizing':<12}{tokenizing_s:>10.1f}{kept / tokenizing_s:>12,.0f}   ({tokens:,} tokens)")
     print(f"{'total':<12}{cleaning_s + tokenizing_s:>10.1f}   goal <= 120 s")
-    print(f"on {args.compare_rows:,} rows: direct {direct_s:.1f} s, datasets.map(num_proc={os.cpu_count()}) {mapped_s:.1f} s"
+    print(f"on {args.compare_rows:,} rows: direct {direct_s:.1f} s,"
+          f" datasets.map(num_proc={os.cpu_count()}) {mapped_s:.1f} s"
           f" -> direct is {mapped_s / direct_s:.1f}x faster")
 
 
@@ -95,7 +96,8 @@ def compare_with_map(frame: pd.DataFrame, tokenizer, settings: TokenizeSettings)
         return tokenize_dataset(datasets.Dataset.from_dict(batch), tokenizer, settings)[0].to_dict()
 
     started = time.perf_counter()
-    rows.map(mapped, batched=True, batch_size=settings.batch_size, num_proc=os.cpu_count(), remove_columns=rows.column_names)
+    rows.map(mapped, batched=True, batch_size=settings.batch_size, num_proc=os.cpu_count(),
+             remove_columns=rows.column_names)
     return direct_s, time.perf_counter() - started
 
 

@@ -58,13 +58,14 @@ def main() -> None:
         logprobs = bench.next_token_logprobs(model, probes)
         passes = [generate.generate_summaries(model, tokenizer, articles, settings) for _ in range(2)]
         texts[path] = [record.text for record in passes[0].records]
-        repeated = sum(a.text == b.text for a, b in zip(*(p.records for p in passes)))
+        repeated = sum(a.text == b.text for a, b in zip(*(p.records for p in passes), strict=True))
         entry = {"per_s": [round(p.summaries_per_second, 1) for p in passes], "batches": passes[0].batch_sizes,
                  "nonempty": passes[0].success_rate, "same_as_second_pass": repeated / len(articles)}
         if reference is None:
             reference = logprobs
         else:
-            entry["identical_to_4bit_lora"] = sum(a == b for a, b in zip(texts[PATHS[0]], texts[path])) / len(articles)
+            identical = sum(a == b for a, b in zip(texts[PATHS[0]], texts[path], strict=True))
+            entry["identical_to_4bit_lora"] = identical / len(articles)
             entry["logprobs_vs_4bit_lora"] = bench.compare_logprobs(reference, logprobs)
         report["paths"][path] = entry
         print(f"[{path}] {json.dumps(entry)}", flush=True)

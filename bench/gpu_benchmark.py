@@ -141,8 +141,10 @@ def phase(name: str, seconds: int, fn: Callable[[], object]) -> object:
         free_memory()
 
 
-# saved after every part, so a run cut short still leaves its figures (bench/gpu_profile.py saves its own instead)
-after_phase: Callable[[], object] = lambda: write_figures()
+def after_phase() -> object:
+    """Saves the figures after every part, so a run cut short still leaves them (bench/gpu_profile.py rebinds this
+    name to save its own instead)."""
+    return write_figures()
 
 
 @dataclasses.dataclass
@@ -344,9 +346,10 @@ def split_batches(model, tokenizer, articles: list[str], settings) -> None:
 def agreement(reference: list, other: list) -> dict:
     """Share of identical summaries, and mean share of leading words that agree."""
     exact, prefix = [], []
-    for a, b in zip(reference, other):
+    for a, b in zip(reference, other, strict=True):
         words_a, words_b = a.text.split(), b.text.split()
-        same = next((i for i, (x, y) in enumerate(zip(words_a, words_b)) if x != y), min(len(words_a), len(words_b)))
+        same = next((i for i, (x, y) in enumerate(zip(words_a, words_b, strict=False)) if x != y),
+                    min(len(words_a), len(words_b)))
         exact.append(a.text == b.text)
         prefix.append(same / max(len(words_a), len(words_b), 1))
     return {"exact_match": round(float(np.mean(exact)), 3), "mean_prefix_agreement": round(float(np.mean(prefix)), 3),
@@ -374,7 +377,7 @@ def compare_logprobs(reference: dict, other: dict) -> dict:
     """How close a merged model is to 4-bit + LoRA: top-1 agreement over every prompt position, and the
     largest / mean absolute difference of the log-probability the reference gives its own top token."""
     same, total, diffs = 0, 0, []
-    for a, b in zip(reference["logprobs"], other["logprobs"]):
+    for a, b in zip(reference["logprobs"], other["logprobs"], strict=True):
         top = a.argmax(-1)
         same += int((top == b.argmax(-1)).sum())
         total += top.numel()

@@ -247,8 +247,8 @@ def main() -> None:
     code, seconds = execute_job(config_path, variables, args.output_dir / "pipeline.log")
     switched = sorted(config.get("ops", {}))
     result = {"commit": gpu_metrics.commit(args.commit), "profile": chosen.profile,
-              "speedups": speedups if switched else None, "speedups_set_on": switched, "rows": chosen.rows, "exit_code": code,
-              "pipeline_seconds": round(seconds, 1)}
+              "speedups": speedups if switched else None, "speedups_set_on": switched, "rows": chosen.rows,
+              "exit_code": code, "pipeline_seconds": round(seconds, 1)}
     result["run"] = read_run(Path(variables["DAGSTER_HOME"]))
     result.update(figures(result["run"]), environment=gpu_metrics.environment())
     (args.output_dir / "pipeline.json").write_text(json.dumps(result, indent=1, default=str))

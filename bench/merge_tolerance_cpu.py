@@ -33,7 +33,8 @@ NF4_ON_CPU = models.Precision("cpu", torch.bfloat16, True, "NF4 on CPU: bitsandb
 def load(path: str, spec: models.ModelSpec, model_dir: str, adapter: str):
     model = models.load_model(spec, model_dir, NF4_ON_CPU)
     if path != "4bit_lora":
-        model = model.dequantize(dtype=torch.bfloat16)  # before any forward: bitsandbytes repacks CPU weights on first use
+        # before any forward: bitsandbytes repacks CPU weights on first use
+        model = model.dequantize(dtype=torch.bfloat16)
     with_adapter = PeftModel.from_pretrained(model, adapter)
     return with_adapter.merge_and_unload() if path == "bf16_merged" else with_adapter
 
@@ -65,7 +66,8 @@ def main() -> None:
         if reference_logprobs is None:
             reference_logprobs = logprobs
         else:
-            entry["vs_4bit_lora"] = {**agreement(outputs["4bit_lora"], result.records), **compare_logprobs(reference_logprobs, logprobs)}
+            entry["vs_4bit_lora"] = {**agreement(outputs["4bit_lora"], result.records),
+                                     **compare_logprobs(reference_logprobs, logprobs)}
             against = scoring.summarize_scores(scoring.score_pairs(texts, [r.text for r in outputs["4bit_lora"]]))
             entry["vs_4bit_lora"]["rougeL_against_its_summaries"] = round(against["rougeL"].mean, 4)
         report["paths"][path] = entry

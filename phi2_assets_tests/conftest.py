@@ -42,7 +42,8 @@ def defs():
 def materialize(defs, instance):
     """`materialize(selection, run_config=None)`: the real assets and checks through `dg.materialize`."""
 
-    def run(selection: str | dg.AssetSelection, run_config: dict | None = None, raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
+    def run(selection: str | dg.AssetSelection, run_config: dict | None = None,
+            raise_on_error: bool = True) -> dg.ExecuteInProcessResult:
         assets = [*defs.assets, *defs.asset_checks]
         return dg.materialize(
             assets, selection=selection, resources=defs.resources, instance=instance,

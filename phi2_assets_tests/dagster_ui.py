@@ -178,7 +178,8 @@ class DagsterDeployment:
             except (requests.ConnectionError, requests.HTTPError):
                 entries = []
             if entries and all(entry["loadStatus"] == "LOADED" for entry in entries):
-                errors = [e["locationOrLoadError"] for e in entries if e["locationOrLoadError"]["__typename"] == "PythonError"]
+                errors = [e["locationOrLoadError"] for e in entries
+                          if e["locationOrLoadError"]["__typename"] == "PythonError"]
                 if errors:
                     raise RuntimeError(f"code location failed to load: {errors}")
                 return
@@ -201,7 +202,8 @@ class DagsterDeployment:
             _signal_group(self.processes[name].pid, signal.SIGKILL)
             self.processes[name].wait(timeout=10)
         if survivors:
-            raise RuntimeError(f"still running {SHUTDOWN_TIMEOUT_S}s after SIGTERM in the process groups of {survivors}; killed")
+            raise RuntimeError(f"still running {SHUTDOWN_TIMEOUT_S}s after SIGTERM in the process groups of"
+                               f" {survivors}; killed")
 
 
 def _signal_group(pgid: int, signum: int) -> None:

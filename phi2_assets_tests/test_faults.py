@@ -17,7 +17,8 @@ from phi2_assets.profiles import data_dir
 from phi2_assets_tests.conftest import materializations, tiny_phi
 
 # Many short steps with a checkpoint every two: the kill lands after a checkpoint and well before the end.
-LONG_RUN = {"ops": {"lora_adapter": {"config": {"max_steps": 24, "save_steps": 2, "eval_steps": None, "logging_steps": 10}}}}
+LONG_RUN = {"ops": {"lora_adapter": {"config": {"max_steps": 24, "save_steps": 2, "eval_steps": None,
+                                                "logging_steps": 10}}}}
 CHILD = textwrap.dedent(
     f"""
     import dagster as dg

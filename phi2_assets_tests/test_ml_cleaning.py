@@ -10,7 +10,8 @@ NO_CAPS = CleaningSettings(train_samples=None, validation_samples=None, test_sam
 
 
 def frame(*rows):
-    return pd.DataFrame([{"id": r[0], "document": r[1], "summary": r[2]} for r in rows], columns=["id", "document", "summary"]).astype("string")
+    return pd.DataFrame([{"id": r[0], "document": r[1], "summary": r[2]} for r in rows],
+                        columns=["id", "document", "summary"]).astype("string")
 
 
 def splits(train=(), validation=(), test=()):
@@ -18,7 +19,8 @@ def splits(train=(), validation=(), test=()):
 
 
 def test_normalize_unicode_whitespace_and_boilerplate():
-    text = "Media playback is not supported on this device\nThe  ﬁrst\u00a0line.\n\n\n  Second line.  \nShare this with\n"
+    text = ("Media playback is not supported on this device\n"
+            "The  ﬁrst\u00a0line.\n\n\n  Second line.  \nShare this with\n")
     texts, words = normalize_text(pd.Series([text, "20 July 2016 Last updated at 08:43 BST Better education", None]))
     assert texts.tolist() == ["The first line.\nSecond line.", "Better education", ""]
     assert words.tolist() == [5, 2, 0]
@@ -35,7 +37,8 @@ def test_drop_reasons_are_counted():
         ("ok", DOC + " again", SUMMARY),
         ("dup-doc", DOC, SUMMARY),
     ]
-    result = clean_splits(splits(train=rows, validation=[("v", DOC + " v", SUMMARY)], test=[("t", DOC + " t", SUMMARY)]), NO_CAPS)
+    result = clean_splits(
+        splits(train=rows, validation=[("v", DOC + " v", SUMMARY)], test=[("t", DOC + " t", SUMMARY)]), NO_CAPS)
     drops = result.drops["train"]
     assert {k: v for k, v in drops.items() if v} == {
         "empty_document": 1, "empty_summary": 1, "short_document": 1, "short_summary": 1,
@@ -47,7 +50,8 @@ def test_drop_reasons_are_counted():
 
 def test_leakage_is_dropped_from_the_training_side():
     result = clean_splits(
-        splits(train=[("shared", DOC, SUMMARY), ("same-doc", DOC + " t", SUMMARY)], validation=[("v", DOC + " v", SUMMARY)],
+        splits(train=[("shared", DOC, SUMMARY), ("same-doc", DOC + " t", SUMMARY)],
+               validation=[("v", DOC + " v", SUMMARY)],
                test=[("shared", DOC + " other", SUMMARY), ("t", DOC + " t", SUMMARY)]),
         NO_CAPS,
     )

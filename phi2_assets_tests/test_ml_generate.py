@@ -61,7 +61,8 @@ def test_every_article_comes_back_in_order_with_a_status(tiny):
 def test_left_padded_batches_equal_one_at_a_time_and_static_cache(tiny):
     _, _, model, tokenizer, articles = tiny
     batched = generate_summaries(model, tokenizer, articles, SETTINGS)
-    single = generate_summaries(model, tokenizer, articles, dataclasses.replace(SETTINGS, batch_size=1, sort_by_length=False))
+    single = generate_summaries(model, tokenizer, articles,
+                                dataclasses.replace(SETTINGS, batch_size=1, sort_by_length=False))
     static = generate_summaries(model, tokenizer, articles, dataclasses.replace(SETTINGS, cache="static"))
     assert texts(batched) == texts(single) == texts(static)
 

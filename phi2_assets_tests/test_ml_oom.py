@@ -21,14 +21,16 @@ def runner(tiny, tmp_path, fits_at: int, seen: list[int]):  # noqa: F811
 
         seen.append(settings.per_device_batch_size)
         run_dir = tmp_path / f"b{settings.per_device_batch_size}"
-        return train_lora(model, tokenizer, train, validation, settings, run_dir / "adapter", run_dir / "checkpoints", progress)
+        return train_lora(model, tokenizer, train, validation, settings, run_dir / "adapter", run_dir / "checkpoints",
+                          progress)
 
     return train_at
 
 
 def test_retries_at_half_the_micro_batch_with_the_same_effective_batch(tiny, tmp_path):  # noqa: F811
     seen, lines = [], []
-    artifact = train_within_memory(runner(tiny, tmp_path, fits_at=1, seen=seen), dataclasses.replace(FAST, per_device_batch_size=4), True, lines.append)
+    artifact = train_within_memory(runner(tiny, tmp_path, fits_at=1, seen=seen),
+                                   dataclasses.replace(FAST, per_device_batch_size=4), True, lines.append)
     assert seen == [4, 2, 1]
     assert artifact.steps == FAST.max_steps
     assert "retrying at 1 x gradient_accumulation_steps=4 (same effective batch of 4)" in lines[-1]
@@ -37,6 +39,8 @@ def test_retries_at_half_the_micro_batch_with_the_same_effective_batch(tiny, tmp
 
 
 def test_without_retry_or_room_the_error_names_the_knobs(tiny, tmp_path):  # noqa: F811
-    with pytest.raises(TrainingOutOfMemory, match=r"per_device_batch_size=4 x gradient_accumulation_steps=1: lower per_device_batch_size"):
-        train_within_memory(runner(tiny, tmp_path, fits_at=0, seen=[]), dataclasses.replace(FAST, per_device_batch_size=4), False, print)
+    knobs = r"per_device_batch_size=4 x gradient_accumulation_steps=1: lower per_device_batch_size"
+    with pytest.raises(TrainingOutOfMemory, match=knobs):
+        train_within_memory(runner(tiny, tmp_path, fits_at=0, seen=[]),
+                            dataclasses.replace(FAST, per_device_batch_size=4), False, print)
     assert halved_micro_batch(dataclasses.replace(FAST, per_device_batch_size=1)) is None

@@ -41,7 +41,8 @@ def test_short_article_is_whole_and_matches_the_generation_prompt(tokenizer):
 
 
 def test_summary_that_cannot_fit_is_dropped_not_cut(tokenizer):
-    encoded, dropped = tokenize_dataset(rows("The council met.", "word " * 200), tokenizer, TokenizeSettings(max_length=96))
+    encoded, dropped = tokenize_dataset(rows("The council met.", "word " * 200), tokenizer,
+                                        TokenizeSettings(max_length=96))
     assert len(encoded) == 0 and dropped == 1
 
 

@@ -42,7 +42,8 @@ def test_no_remote_code_and_safetensors_only():
     package = pathlib.Path(__file__).parents[1] / "phi2_assets"
     sources = {path: path.read_text() for path in package.rglob("*.py")}
     assert not [path for path, text in sources.items() if "trust_remote_code=True" in text]
-    assert not [path for path, text in sources.items() if "safe_serialization=False" in text or "use_safetensors=False" in text]
+    assert not [path for path, text in sources.items()
+                if "safe_serialization=False" in text or "use_safetensors=False" in text]
 
 
 def test_unknown_config_keys_are_refused_before_any_step(materialize):

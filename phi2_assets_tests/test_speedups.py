@@ -14,12 +14,11 @@ from transformers.models.phi import modeling_phi
 
 from phi2_assets.ml import models, sources
 from phi2_assets.ml.generate import GenerationSettings, _generation_config, generate_summaries, stop_token_ids
-from phi2_assets.ml.speedups import fused_rotary, guards
+from phi2_assets.ml.speedups import fused_rotary, guards, tanh_gelu
 from phi2_assets.ml.speedups.batch_planning import cache_length, quickest_batches
 from phi2_assets.ml.speedups.fused_rotary import FusedRotaryPhiAttention
 from phi2_assets.ml.speedups.lean_steps import cached_module_walks
 from phi2_assets.ml.speedups.static_decoding import greedy_static
-from phi2_assets.ml.speedups import tanh_gelu
 from phi2_assets.ml.tokenization import TokenizeSettings, encode_prompts, tokenize_dataset
 from phi2_assets.ml.train import TrainSettings, train_lora
 from phi2_assets_tests.conftest import tiny_phi
@@ -87,7 +86,8 @@ def test_tanh_gelu_computes_what_phis_activation_computes_and_comes_back(tiny):
 
 def test_fused_rotary_attention_computes_what_transformers_phi_does_and_comes_back(tiny):
     model, tokenizer, _, _, articles = tiny
-    stock = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=model.dtype, attn_implementation="sdpa").eval()
+    stock = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=model.dtype,
+                                                 attn_implementation="sdpa").eval()
     assert fused_rotary.library_forward_matches(), "the copied PhiAttention.forward is the installed release's"
     batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64)
     with torch.no_grad(), fused_rotary.applied(model):
@@ -128,7 +128,8 @@ def test_compiled_layers_learn_what_eager_layers_learn(tiny, tmp_path):
     model, tokenizer, train, validation, _ = tiny
     settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
     eager = train_lora(model, tokenizer, train, validation, settings, tmp_path / "eager", tmp_path / "checkpoints")
-    compiled = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, compile_layers=True), tmp_path / "compiled", tmp_path / "checkpoints")
+    compiled = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, compile_layers=True),
+                          tmp_path / "compiled", tmp_path / "checkpoints")
     assert compiled.train_losses == pytest.approx(eager.train_losses, rel=1e-4)
     assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-4)
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
@@ -139,7 +140,8 @@ def test_cached_module_walks_still_switch_modes_and_clear_gradients():
     """Training skips `model.train()` when every module is in train mode already, but a real switch (evaluation, or
     a module left in another mode) still reaches every module; `zero_grad()` clears the trainable parameters'
     gradients; the model's own methods come back afterwards."""
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(2, 1)))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2),
+                                torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Linear(2, 1)))
     model[0].requires_grad_(False)
     with cached_module_walks(model):
         model.eval()
@@ -167,13 +169,15 @@ def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives_how
     columns = padded["input_ids"].shape[1]
     with torch.inference_mode():
         reference = model.generate(**padded, generation_config=config)[:, columns:].tolist()
-        ours = [greedy_static(model, padded["input_ids"], padded["attention_mask"], 12, stops, cache_length(columns, 12), cuda_graph=True,
-                              prefill_chunk_tokens=chunk).tolist() for chunk in (16_384, 900)]  # one prefill; chunks of 1-3 rows
+        ours = [greedy_static(model, padded["input_ids"], padded["attention_mask"], 12, stops,
+                              cache_length(columns, 12), cuda_graph=True, prefill_chunk_tokens=chunk).tolist()
+                for chunk in (16_384, 900)]  # one prefill; chunks of 1-3 rows
 
     def until_stop(tokens):
         return tokens[: next((i + 1 for i, token in enumerate(tokens) if token in stops), len(tokens))]
 
-    assert [until_stop(row) for row in ours[0]] == [until_stop(row) for row in ours[1]] == [until_stop(row) for row in reference]
+    assert ([until_stop(row) for row in ours[0]] == [until_stop(row) for row in ours[1]]
+            == [until_stop(row) for row in reference])
     assert any(len(until_stop(row)) > 1 for row in reference)  # the comparison covers decoding steps, not only prefill
 
 
@@ -182,12 +186,16 @@ def test_quickest_batches_trade_padding_against_decoding_steps():
     order = sorted(range(len(lengths)), key=lengths.__getitem__)  # 10, 20, 30, 100, 500
     # when a decoding step's fixed cost dominates, as few batches as memory allows: caches round up to 64 slots,
     # three short prompts take 3 x 64 of 256; with the 100-token one each row needs 128
-    assert quickest_batches(lengths, order, 10, token_slots=256, prefill_cost=0, step_cost=1e9, cache_cost=1) == [[1, 3, 2], [0], [4]]
-    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=1e9, cache_cost=1) == [[1, 3, 2, 0, 4]]
+    assert quickest_batches(lengths, order, 10, token_slots=256, prefill_cost=0, step_cost=1e9,
+                            cache_cost=1) == [[1, 3, 2], [0], [4]]
+    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=1e9,
+                            cache_cost=1) == [[1, 3, 2, 0, 4]]
     # when padding costs more than a batch's decoding steps, the long prompt goes alone though memory would take all
-    assert quickest_batches([10, 10, 10, 10, 500], range(5), 10, token_slots=10_000, prefill_cost=1, step_cost=100, cache_cost=1) == [[0, 1, 2, 3], [4]]
+    assert quickest_batches([10, 10, 10, 10, 500], range(5), 10, token_slots=10_000, prefill_cost=1, step_cost=100,
+                            cache_cost=1) == [[0, 1, 2, 3], [4]]
     # without a per-step cost nothing is worth padding for
-    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=0, cache_cost=1) == [[1], [3], [2], [0], [4]]
+    assert quickest_batches(lengths, order, 10, token_slots=10_000, prefill_cost=1, step_cost=0,
+                            cache_cost=1) == [[1], [3], [2], [0], [4]]
     assert quickest_batches([], [], 10, token_slots=256, prefill_cost=1, step_cost=1, cache_cost=1) == []
 
 

@@ -56,7 +56,8 @@ def train_with_accelerate(
         invocation = pipes_client.run(context=context, command=command, extras=dataclasses.asdict(job))
     finally:
         shutil.rmtree(handoff, ignore_errors=True)
-    reported = [message[ARTIFACT_MESSAGE] for message in invocation.get_custom_messages() if ARTIFACT_MESSAGE in message]
+    reported = [message[ARTIFACT_MESSAGE] for message in invocation.get_custom_messages()
+                if ARTIFACT_MESSAGE in message]
     if not reported:
         raise dg.Failure(f"the training processes exited without reporting an adapter (expected under {output_dir})")
     return AdapterArtifact(**reported[-1]), invocation.get_materialize_result().metadata

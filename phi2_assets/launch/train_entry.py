@@ -66,8 +66,8 @@ def accelerate_command(num_processes: int) -> list[str]:
     training settings, as in process.
     """
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes), "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
     ]
     if num_processes > 1:
         command += ["--multi_gpu", "--main_process_port", str(free_port())]

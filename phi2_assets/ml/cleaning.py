@@ -101,7 +101,8 @@ def normalize_text(texts: pd.Series) -> tuple[pd.Series, pd.Series]:
 
 
 def word_counts(texts: pd.Series) -> pd.Series:
-    return pd.Series([len(text.split()) if isinstance(text, str) else 0 for text in texts.tolist()], index=texts.index, dtype="int64")
+    return pd.Series([len(text.split()) if isinstance(text, str) else 0 for text in texts.tolist()],
+                     index=texts.index, dtype="int64")
 
 
 def _drop(frame: pd.DataFrame, mask: pd.Series, reason: str, drops: dict[str, int]) -> pd.DataFrame:
@@ -147,7 +148,8 @@ def clean_splits(raw: dict[str, pd.DataFrame], settings: CleaningSettings) -> Cl
 
 
 def audit_splits(frames: dict[str, pd.DataFrame]) -> dict[str, list[str]]:
-    """What is wrong with cleaned splits, per split: no rows, empty text, duplicate ids, ids shared with another split."""
+    """What is wrong with cleaned splits, per split: no rows, empty text, duplicate ids, ids shared with another
+    split."""
     problems: dict[str, list[str]] = {}
     ids = {split: set(frame["id"]) for split, frame in frames.items()}
     for split, frame in frames.items():

@@ -72,13 +72,19 @@ class GenerationSettings:
     template: str = documented("prompt template; must be the one the adapter was trained with", "seed")
     max_new_tokens: int = documented("new tokens at most per summary (never max_length: the prompt does not count)", 60)
     num_beams: int = documented("beams; 1 = greedy", 1)
-    batch_size: int = documented("prompts per generate call; 0 = on CUDA with speed-ups the split of length-sorted prompts a cost model finds quickest within free memory, else 8", 0)
+    batch_size: int = documented("prompts per generate call; 0 = on CUDA with speed-ups the split of length-sorted"
+                                 " prompts a cost model finds quickest within free memory, else 8", 0)
     max_prompt_tokens: int = documented("prompt budget; the article is truncated to fit, never the template", 1_066)
-    sort_by_length: bool = documented("batch prompts of similar length together, shortest first (less padding, shorter caches); output keeps input order", True)
-    cache: str = documented("KV cache: `dynamic`, or `static` (preallocated per batch; with speed-ups prefilled in chunks of similar length; greedy only)", "dynamic")
-    cuda_graph: bool = documented("with the static cache and speed-ups on CUDA, replay each decoding step as a CUDA graph (one launch a step)", True)
-    merged_bf16: bool = documented("evaluate on a bf16 copy of the base with the adapter merged in, instead of 4-bit + LoRA", False)
-    speedups: bool = documented("run the speed-ups of phi2_assets.ml.speedups (same summaries); false = transformers' generate as shipped", True)
+    sort_by_length: bool = documented("batch prompts of similar length together, shortest first (less padding,"
+                                      " shorter caches); output keeps input order", True)
+    cache: str = documented("KV cache: `dynamic`, or `static` (preallocated per batch; with speed-ups prefilled in"
+                            " chunks of similar length; greedy only)", "dynamic")
+    cuda_graph: bool = documented("with the static cache and speed-ups on CUDA, replay each decoding step as a CUDA"
+                                  " graph (one launch a step)", True)
+    merged_bf16: bool = documented("evaluate on a bf16 copy of the base with the adapter merged in, instead of 4-bit"
+                                   " + LoRA", False)
+    speedups: bool = documented("run the speed-ups of phi2_assets.ml.speedups (same summaries); false = transformers'"
+                                " generate as shipped", True)
 
     def __post_init__(self) -> None:
         split_template(self.template)  # raises for an unknown template
@@ -144,7 +150,7 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -
     ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     candidates = [i for token, i in tokenizer.get_vocab().items() if any(s in token for s in _NEWLINE_SPELLINGS)]
     decoded = tokenizer.batch_decode([[i] for i in candidates])
-    return sorted(ids | {i for i, text in zip(candidates, decoded) if "\n" in text})
+    return sorted(ids | {i for i, text in zip(candidates, decoded, strict=True) if "\n" in text})
 
 
 def _decodes_statically(settings: GenerationSettings) -> bool:
@@ -163,7 +169,8 @@ def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id
     )
 
 
-def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> GenerationConfig:
+def decoding_config(settings: GenerationSettings, tokenizer: PreTrainedTokenizerBase,
+                    model: PreTrainedModel) -> GenerationConfig:
     """The `GenerationConfig` `generate_summaries` decodes with under `settings` (one line: newlines stop it)."""
     return _generation_config(settings, stop_token_ids(tokenizer, model), tokenizer.pad_token_id)
 
@@ -172,9 +179,11 @@ def _first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
-def _generate_batch(model, tokenizer, prompts: list[list[int]], config: GenerationConfig, stop_ids: list[int], settings: GenerationSettings) -> list[GenerationRecord]:
+def _generate_batch(model, tokenizer, prompts: list[list[int]], config: GenerationConfig, stop_ids: list[int],
+                    settings: GenerationSettings) -> list[GenerationRecord]:
     # left padding for batched decoding: every prompt ends where generation starts
-    padded = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt").to(model.device)
+    padded = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left",
+                           return_tensors="pt").to(model.device)
     columns = padded["input_ids"].shape[1]
     if _decodes_statically(settings):
         cache_length = batch_planning.cache_length(columns, config.max_new_tokens)
@@ -185,7 +194,7 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], config: Generati
         new_tokens = model.generate(**padded, generation_config=config)[:, columns:].tolist()
     stop_set = set(stop_ids)
     records = []
-    for prompt, tokens in zip(prompts, new_tokens):
+    for prompt, tokens in zip(prompts, new_tokens, strict=True):
         stop_at = next((i for i, token in enumerate(tokens) if token in stop_set), None)
         kept = tokens if stop_at is None else tokens[: stop_at + 1]
         text = _first_line(tokenizer.decode(kept, skip_special_tokens=True))
@@ -207,7 +216,8 @@ def _generate_or_isolate(model, tokenizer, prompts, config, stop_ids, settings) 
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             half = len(prompts) // 2
-            return [record for part in (prompts[:half], prompts[half:]) for record in _generate_or_isolate(model, tokenizer, part, config, stop_ids, settings)]
+            return [record for part in (prompts[:half], prompts[half:])
+                    for record in _generate_or_isolate(model, tokenizer, part, config, stop_ids, settings)]
         return [GenerationRecord("", "error", 0, len(prompts[0]), False, f"{type(error).__name__}: {error}")]
 
 
@@ -224,7 +234,8 @@ def generate_summaries(
     started = time.perf_counter()
     prompts = encode_prompts(tokenizer, settings.template, articles, settings.max_prompt_tokens)
     lengths = [len(p) for p in prompts]
-    order = sorted(range(len(prompts)), key=lengths.__getitem__) if settings.sort_by_length else list(range(len(prompts)))
+    order = (sorted(range(len(prompts)), key=lengths.__getitem__) if settings.sort_by_length
+             else list(range(len(prompts))))
     batches = _batches(model, lengths, order, settings)
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
@@ -239,7 +250,7 @@ def generate_summaries(
                 batch_started = time.perf_counter()
                 batch = _generate_or_isolate(model, tokenizer, [prompts[i] for i in chosen], config, stop_ids, settings)
                 batch_seconds.append(time.perf_counter() - batch_started)  # its tokens are on the host: it is done
-                for index, record in zip(chosen, batch):
+                for index, record in zip(chosen, batch, strict=True):
                     records[index] = record
                 done += len(chosen)
                 if on_progress:
@@ -250,7 +261,8 @@ def generate_summaries(
                             batch_sizes=[len(b) for b in batches], batch_seconds=batch_seconds)
 
 
-def _batches(model: PreTrainedModel, lengths: list[int], order: list[int], settings: GenerationSettings) -> list[list[int]]:
+def _batches(model: PreTrainedModel, lengths: list[int], order: list[int],
+             settings: GenerationSettings) -> list[list[int]]:
     """Prompt indices per generate call: fixed batches of `batch_size`, or with `batch_size: 0` on CUDA with
     speed-ups the batch planner's split."""
     if settings.batch_size == 0 and settings.speedups and model.device.type == "cuda":

@@ -33,7 +33,8 @@ def halved_micro_batch(settings: TrainSettings) -> TrainSettings | None:
     )
 
 
-def train_within_memory(train: Callable[[TrainSettings], Result], settings: TrainSettings, retry: bool, say: Callable[[str], None]) -> Result:
+def train_within_memory(train: Callable[[TrainSettings], Result], settings: TrainSettings, retry: bool,
+                        say: Callable[[str], None]) -> Result:
     """`train(settings)`, halving the micro-batch after each out-of-memory error while `retry` allows and it can."""
     while True:
         try:

@@ -22,7 +22,7 @@ def _png(figure) -> bytes:
 def histograms_png(series: Mapping[str, Sequence[float]], title: str, xlabel: str, bins: int = 40) -> bytes:
     """One histogram panel per named series (e.g. document and summary word counts)."""
     figure, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.2), squeeze=False)
-    for axis, (name, values) in zip(axes[0], series.items()):
+    for axis, (name, values) in zip(axes[0], series.items(), strict=True):
         axis.hist(list(values), bins=bins, color="#4C72B0")
         axis.set_title(name)
         axis.set_xlabel(xlabel)
@@ -31,7 +31,8 @@ def histograms_png(series: Mapping[str, Sequence[float]], title: str, xlabel: st
     return _png(figure)
 
 
-def curves_png(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str) -> bytes:
+def curves_png(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], title: str, xlabel: str,
+               ylabel: str) -> bytes:
     """Named (x, y) lines on one axis, e.g. train and eval loss by step."""
     figure, axis = plt.subplots(figsize=(6, 3.5))
     for name, (xs, ys) in curves.items():
@@ -44,7 +45,8 @@ def curves_png(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], ti
     return _png(figure)
 
 
-def bars_png(groups: Mapping[str, Mapping[str, float]], title: str, ylabel: str, errors: Mapping[str, Mapping[str, tuple[float, float]]] | None = None) -> bytes:
+def bars_png(groups: Mapping[str, Mapping[str, float]], title: str, ylabel: str,
+             errors: Mapping[str, Mapping[str, tuple[float, float]]] | None = None) -> bytes:
     """Grouped bars: `groups[series][category] = value`, optional (low, high) intervals per bar."""
     categories = list(next(iter(groups.values())).keys())
     width = 0.8 / len(groups)
@@ -54,8 +56,8 @@ def bars_png(groups: Mapping[str, Mapping[str, float]], title: str, ylabel: str,
         heights = [values[c] for c in categories]
         yerr = None
         if errors and series in errors:
-            yerr = [[h - errors[series][c][0] for c, h in zip(categories, heights)],
-                    [errors[series][c][1] - h for c, h in zip(categories, heights)]]
+            yerr = [[h - errors[series][c][0] for c, h in zip(categories, heights, strict=True)],
+                    [errors[series][c][1] - h for c, h in zip(categories, heights, strict=True)]]
         axis.bar(xs, heights, width=width, label=series, yerr=yerr, capsize=3)
     axis.set_xticks([index + width * (len(groups) - 1) / 2 for index in range(len(categories))], categories)
     axis.set_title(title)

@@ -7,7 +7,9 @@ TEMPLATES: dict[str, str] = {
     # The seed notebooks' prompt; the summary (then EOS) follows "Summary: ".
     SEED_TEMPLATE: "Article: {article}\n\nSummarize the above article in one sentence.\nSummary: ",
     "tldr": "{article}\n\nTL;DR: ",
-    "headline": "Read the news article and write a one-sentence summary.\n\nArticle: {article}\n\nOne-sentence summary: ",
+    "headline": (
+        "Read the news article and write a one-sentence summary.\n\nArticle: {article}\n\nOne-sentence summary: "
+    ),
     "bbc": "BBC News article:\n{article}\n\nIn one sentence: ",
 }
 

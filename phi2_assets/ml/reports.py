@@ -65,8 +65,10 @@ def compare(baseline: pd.DataFrame, finetuned: pd.DataFrame) -> Comparison:
         for name in ROUGE_TYPES:
             per_sample[f"{model}_{name}"] = rouge[name].to_numpy()
         scores[model] = summarize_scores(rouge)
-        shares[model] = {status: float((frame["status"] == status).mean()) if len(frame) else 0.0 for status in STATUSES}
-    improvement = {name: relative_improvement(scores["baseline"][name].mean, scores["finetuned"][name].mean) for name in ROUGE_TYPES}
+        shares[model] = {status: float((frame["status"] == status).mean()) if len(frame) else 0.0
+                         for status in STATUSES}
+    improvement = {name: relative_improvement(scores["baseline"][name].mean, scores["finetuned"][name].mean)
+                   for name in ROUGE_TYPES}
     return Comparison(per_sample.reset_index(drop=True), scores, shares, improvement)
 
 
@@ -84,13 +86,16 @@ def report_plots(comparison: Comparison, training: Mapping[str, object]) -> dict
         "ROUGE-L gain": improvement[labels["rougeL"]],
     }
     return {
-        "rouge_comparison.png": plots.bars_png(means, "ROUGE F1: zero-shot vs fine-tuned (95% bootstrap CI)", "F1", errors),
+        "rouge_comparison.png": plots.bars_png(means, "ROUGE F1: zero-shot vs fine-tuned (95% bootstrap CI)", "F1",
+                                               errors),
         "generation_success_rate.png": plots.bars_png(
             {MODELS[m]: {s: 100 * comparison.status_shares[m][s] for s in STATUSES} for m in MODELS},
             "Generations by status", "% of rows",
         ),
-        "relative_improvement.png": plots.bars_png({"fine-tuned vs zero-shot": improvement}, "Relative improvement of the mean", "%"),
-        "lora_efficiency.png": plots.bars_png({"LoRA": efficiency}, f"What {trainable:,} trained parameters bought", "%"),
+        "relative_improvement.png": plots.bars_png({"fine-tuned vs zero-shot": improvement},
+                                                   "Relative improvement of the mean", "%"),
+        "lora_efficiency.png": plots.bars_png({"LoRA": efficiency}, f"What {trainable:,} trained parameters bought",
+                                              "%"),
     }
 
 
@@ -112,8 +117,10 @@ def _percent(value: float | None) -> str:
 def analysis_markdown(comparison: Comparison, training: Mapping[str, object], about: Mapping[str, object]) -> str:
     """A reader's summary: the table, the training run, and the examples that moved most."""
     rows = [
-        f"| {name} | {b.mean:.4f} [{b.low:.4f}, {b.high:.4f}] | {f.mean:.4f} [{f.low:.4f}, {f.high:.4f}] | {_percent(comparison.improvement[name])} |"
-        for name, b, f in ((n, comparison.scores["baseline"][n], comparison.scores["finetuned"][n]) for n in ROUGE_TYPES)
+        f"| {name} | {b.mean:.4f} [{b.low:.4f}, {b.high:.4f}] | {f.mean:.4f} [{f.low:.4f}, {f.high:.4f}]"
+        f" | {_percent(comparison.improvement[name])} |"
+        for name, b, f in ((n, comparison.scores["baseline"][n], comparison.scores["finetuned"][n])
+                           for n in ROUGE_TYPES)
     ]
     per_sample = comparison.per_sample
     delta = per_sample["finetuned_rougeL"] - per_sample["baseline_rougeL"]
@@ -123,11 +130,14 @@ def analysis_markdown(comparison: Comparison, training: Mapping[str, object], ab
         f"- samples: {len(per_sample)} (the same rows for both models; empty or failed generations score 0)", "",
         "| ROUGE F1 | zero-shot [95% CI] | fine-tuned [95% CI] | relative change |", "|---|---|---|---|", *rows, "",
         "| status | zero-shot | fine-tuned |", "|---|---|---|",
-        *(f"| {s} | {100 * comparison.status_shares['baseline'][s]:.1f}% | {100 * comparison.status_shares['finetuned'][s]:.1f}% |" for s in STATUSES), "",
+        *(f"| {s} | {100 * comparison.status_shares['baseline'][s]:.1f}%"
+          f" | {100 * comparison.status_shares['finetuned'][s]:.1f}% |" for s in STATUSES), "",
         "## Training", "",
-        *(f"- {key}: {training[key]}" for key in ("base_model", "trainable_parameters", "total_parameters", "steps", "eval_loss", "base_eval_loss", "train_seconds") if key in training),
+        *(f"- {key}: {training[key]}" for key in ("base_model", "trainable_parameters", "total_parameters", "steps",
+                                                  "eval_loss", "base_eval_loss", "train_seconds") if key in training),
     ]
-    for title, chosen in (("Largest gains (ROUGE-L)", delta.nlargest(EXAMPLES).index), ("Largest losses (ROUGE-L)", delta.nsmallest(EXAMPLES).index)):
+    for title, chosen in (("Largest gains (ROUGE-L)", delta.nlargest(EXAMPLES).index),
+                          ("Largest losses (ROUGE-L)", delta.nsmallest(EXAMPLES).index)):
         lines += ["", f"## {title}", ""]
         for index in chosen:
             row = per_sample.loc[index]
@@ -140,12 +150,14 @@ def analysis_markdown(comparison: Comparison, training: Mapping[str, object], ab
     return "\n".join(lines) + "\n"
 
 
-def write_report(directory: Path, comparison: Comparison, training: Mapping[str, object], about: Mapping[str, object]) -> tuple[RougeReport, dict[str, bytes]]:
+def write_report(directory: Path, comparison: Comparison, training: Mapping[str, object],
+                 about: Mapping[str, object]) -> tuple[RougeReport, dict[str, bytes]]:
     """Write the seed's report files under `directory` at once; returns the record and the plots (for metadata)."""
     pngs = report_plots(comparison, training)
     with atomic_path(Path(directory)) as staging:
         staging.mkdir(parents=True)
-        (staging / "evaluation_results.json").write_text(json.dumps(_results_json(comparison, about), indent=2, default=str))
+        (staging / "evaluation_results.json").write_text(
+            json.dumps(_results_json(comparison, about), indent=2, default=str))
         (staging / "training_metrics.json").write_text(json.dumps(dict(training), indent=2, default=str))
         (staging / "evaluation_analysis.md").write_text(analysis_markdown(comparison, training, about))
         for name, png in pngs.items():

@@ -36,13 +36,14 @@ def score_pairs(predictions: Sequence[str], references: Sequence[str]) -> pd.Dat
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     rows = []
-    for prediction, reference in zip(predictions, references):
+    for prediction, reference in zip(predictions, references, strict=True):
         scores = scorer.score(_sentences_on_lines(reference), _sentences_on_lines(prediction or ""))
         rows.append({name: scores[name].fmeasure for name in ROUGE_TYPES})
     return pd.DataFrame(rows, columns=list(ROUGE_TYPES), dtype=float)
 
 
-def bootstrap_interval(values: Sequence[float], resamples: int = 1_000, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+def bootstrap_interval(values: Sequence[float], resamples: int = 1_000, confidence: float = 0.95,
+                       seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean; a fixed seed makes the report reproducible."""
     values = np.asarray(values, dtype=float)
     if values.size == 0:
@@ -59,7 +60,8 @@ def summarize_scores(per_sample: pd.DataFrame, seed: int = 0) -> dict[str, Metri
     summaries = {}
     for name in ROUGE_TYPES:
         low, high = bootstrap_interval(per_sample[name], seed=seed)
-        summaries[name] = MetricSummary(mean=float(per_sample[name].mean()) if len(per_sample) else 0.0, low=low, high=high)
+        summaries[name] = MetricSummary(mean=float(per_sample[name].mean()) if len(per_sample) else 0.0, low=low,
+                                        high=high)
     return summaries
 
 

@@ -28,14 +28,16 @@ def text_profile(frame: pd.DataFrame) -> dict[str, dict[str, float]]:
 def xsum_eda(frame: pd.DataFrame) -> dict[str, float]:
     """The figures the seed's exploration notebook printed: lengths, compression, and how abstractive summaries are."""
     documents, summaries = word_counts(frame["document"]), word_counts(frame["summary"])
-    novel = [_novel_unigram_share(d, s) for d, s in zip(frame["document"], frame["summary"])]
+    novel = [_novel_unigram_share(d, s) for d, s in zip(frame["document"], frame["summary"], strict=True)]
     return {
         "rows": float(len(frame)),
         "mean_document_words": round(float(documents.mean()), 1) if len(frame) else 0.0,
         "mean_summary_words": round(float(summaries.mean()), 1) if len(frame) else 0.0,
         "compression_ratio": round(float((documents / summaries.clip(lower=1)).mean()), 1) if len(frame) else 0.0,
         "summary_novel_unigram_share": round(float(np.mean(novel)), 3) if novel else 0.0,
-        "mean_document_sentences": round(float(frame["document"].str.count("\n").add(1).mean()), 1) if len(frame) else 0.0,
+        "mean_document_sentences": (
+            round(float(frame["document"].str.count("\n").add(1).mean()), 1) if len(frame) else 0.0
+        ),
     }
 
 

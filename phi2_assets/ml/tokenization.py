@@ -81,7 +81,8 @@ def token_ids(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[
     return [encoding.ids for encoding in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
 
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, template: str, articles: Sequence[str], max_prompt_tokens: int) -> list[list[int]]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, template: str, articles: Sequence[str],
+                   max_prompt_tokens: int) -> list[list[int]]:
     """Prompt token ids for generation, articles truncated so each prompt fits `max_prompt_tokens`."""
     encoder = PromptEncoder.create(tokenizer, template)
     return [encoder.prompt(ids, max_prompt_tokens - encoder.fixed_length) for ids in token_ids(tokenizer, articles)]
@@ -98,7 +99,8 @@ def check_room_for_prompt(encoder: PromptEncoder, settings: TokenizeSettings) ->
         )
 
 
-def tokenize_dataset(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, settings: TokenizeSettings) -> tuple[datasets.Dataset, int]:
+def tokenize_dataset(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
+                     settings: TokenizeSettings) -> tuple[datasets.Dataset, int]:
     """Tokenize a split; returns the training rows and how many were dropped because the summary could not fit.
 
     Batches go straight from the tokenizer into Arrow columns: no `datasets.map`, whose per-batch cache writes
@@ -106,12 +108,13 @@ def tokenize_dataset(rows: datasets.Dataset, tokenizer: PreTrainedTokenizerBase,
     """
     encoder = PromptEncoder.create(tokenizer, settings.template)
     check_room_for_prompt(encoder, settings)
-    columns: dict[str, list] = {name: [] for name in ("id", "input_ids", "labels", "prompt_tokens", "article_truncated")}
+    columns: dict[str, list] = {name: [] for name in ("id", "input_ids", "labels", "prompt_tokens",
+                                                      "article_truncated")}
     dropped = 0
     for start in range(0, len(rows), settings.batch_size):
         batch = rows[start : start + settings.batch_size]
         articles, summaries = token_ids(tokenizer, batch["document"]), token_ids(tokenizer, batch["summary"])
-        for row_id, article, summary in zip(batch["id"], articles, summaries):
+        for row_id, article, summary in zip(batch["id"], articles, summaries, strict=True):
             target = [*summary, encoder.eos_id]
             budget = settings.max_length - encoder.fixed_length - len(target)
             if budget < MIN_ARTICLE_TOKENS:

@@ -27,7 +27,12 @@ from transformers import PreTrainedModel
 from trl import SFTTrainer
 
 from phi2_assets.ml.speedups import (
-    compiled_layers, fused_rotary, labelled_positions_cpu, lean_steps, right_padded_sdpa, tanh_gelu,
+    compiled_layers,
+    fused_rotary,
+    labelled_positions_cpu,
+    lean_steps,
+    right_padded_sdpa,
+    tanh_gelu,
 )
 
 

@@ -71,8 +71,8 @@ def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence
     )
 
 
-def quickest_batches(lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, token_slots: int, prefill_cost: float,
-                     step_cost: float, cache_cost: float) -> list[list[int]]:
+def quickest_batches(lengths: Sequence[int], order: Sequence[int], max_new_tokens: int, token_slots: int,
+                     prefill_cost: float, step_cost: float, cache_cost: float) -> list[list[int]]:
     """Consecutive prompts of `order` per batch, split where the modelled time is least (dynamic programming over
     split points): a batch of `rows` prompts whose longest has `width` tokens costs `prefill_cost * rows * width +
     max_new_tokens * (step_cost + cache_cost * rows * cache_length(width))`, and its cache

@@ -48,7 +48,8 @@ def rotate_eagerly(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, si
                    rotary_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The rotation as `PhiAttention` does it, op by op."""
     query_rot, key_rot = modeling_phi.apply_rotary_pos_emb(query[..., :rotary_dims], key[..., :rotary_dims], cos, sin)
-    return torch.cat((query_rot, query[..., rotary_dims:]), dim=-1), torch.cat((key_rot, key[..., rotary_dims:]), dim=-1)
+    return (torch.cat((query_rot, query[..., rotary_dims:]), dim=-1),
+            torch.cat((key_rot, key[..., rotary_dims:]), dim=-1))
 
 
 class FusedRotaryPhiAttention(modeling_phi.PhiAttention):

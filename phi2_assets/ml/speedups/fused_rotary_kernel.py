@@ -50,14 +50,16 @@ def _rotary_kernel(query, key, query_out, key_out, cos, sin, positions, heads,
             cos_row, sin_row, HEAD_DIM, ROTARY, BLOCK_HEADS, BLOCK_DIM)
 
 
-def rotate(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           rotary_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Query and key (batch, heads, positions, head_dim; any strides with a unit last one) rotated into new
     contiguous tensors; `cos` and `sin` are (batch or 1, positions, rotary_dims), the same strides."""
     batch, heads, positions, head_dim = query.shape
     cos, sin = (angle.expand(batch, positions, rotary_dims) for angle in (cos, sin))
     if cos.stride() != sin.stride() or cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
-    query_out, key_out = torch.empty_like(query, memory_format=torch.contiguous_format), torch.empty_like(key, memory_format=torch.contiguous_format)
+    query_out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    key_out = torch.empty_like(key, memory_format=torch.contiguous_format)
     _rotary_kernel[(batch * positions,)](
         query, key, query_out, key_out, cos, sin, positions, heads,
         query.stride(0), query.stride(1), query.stride(2), key.stride(0), key.stride(1), key.stride(2),

@@ -65,7 +65,8 @@ class LeanStepSFTTrainer(SFTTrainer):
         if self.args.include_num_input_tokens_seen != "non_padding" or "attention_mask" not in inputs:
             return super()._track_num_input_tokens(inputs)
         tokens = self.accelerator.gather(inputs["attention_mask"].sum()).sum()
-        self._pending_input_tokens = tokens if self._pending_input_tokens is None else self._pending_input_tokens + tokens
+        pending = self._pending_input_tokens
+        self._pending_input_tokens = tokens if pending is None else pending + tokens
 
     def _count_pending_input_tokens(self) -> None:
         if self._pending_input_tokens is not None:

@@ -64,13 +64,15 @@ def greedy_static(
     next_ids = logits.argmax(-1)
     tokens, finished = [next_ids], torch.isin(next_ids, stops)
 
-    step_ids, step_positions = next_ids[:, None].clone(), lengths[:, None].clone()  # a row's first new token follows its prompt
+    # a row's first new token follows its prompt
+    step_ids, step_positions = next_ids[:, None].clone(), lengths[:, None].clone()
     # a prepared 4D mask reaches attention as it is: the prompt's padding, then each new column as it is written
     step_mask = torch.zeros(rows, 1, 1, cache_length, dtype=torch.bool, device=input_ids.device)
     step_mask[:, 0, 0, :columns] = attention_mask.bool()
 
     def step() -> torch.Tensor:
-        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, cache=cache).logits[:, -1]
+        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions,
+                     cache=cache).logits[:, -1]
 
     run: Callable[[], torch.Tensor] = step
     for index in range(1, max_new_tokens):
@@ -78,7 +80,8 @@ def greedy_static(
         if cuda_graph and input_ids.is_cuda and index == _WARM_UP_STEPS + 1:
             try:
                 run = _recorded(step)
-            except RuntimeError as error:  # e.g. a kernel that syncs with the host; recording ran nothing, so go on eagerly
+            except RuntimeError as error:
+                # e.g. a kernel that syncs with the host; recording ran nothing, so go on eagerly
                 log.warning("decoding step not recordable as a CUDA graph (%s); this batch decodes eagerly", error)
         next_ids = run().argmax(-1)
         tokens.append(next_ids)
@@ -102,9 +105,11 @@ def _prefill(model, input_ids, lengths: torch.Tensor, cache: StaticCache, chunk_
         width = max(row_lengths[start:end])
         offsets = torch.arange(width, device=input_ids.device)
         left_aligned = input_ids[start:end].gather(1, (columns - chunk_lengths + offsets).clamp(max=columns - 1))
-        # cache column `columns - width + j` takes the row's prompt position j - (width - length); earlier ones are padding
+        # cache column `columns - width + j` takes the row's prompt position j - (width - length); earlier
+        # ones are padding
         source = (offsets - (width - chunk_lengths)).clamp(min=0)[:, None, :, None]
-        writer = _RightAligningWriter(model.config, cache, rows, slice(start, end), slice(columns - width, columns), source)
+        writer = _RightAligningWriter(model.config, cache, rows, slice(start, end), slice(columns - width, columns),
+                                      source)
         with sdpa_kernel(CAUSAL_SDPA_KERNELS):  # decoding, with its mask, keeps PyTorch's choice (cuDNN on Hopper)
             out = model(input_ids=left_aligned, position_ids=offsets.expand(end - start, -1), cache=writer,
                         logits_to_keep=chunk_lengths - 1)
@@ -124,8 +129,8 @@ class _RightAligningWriter(DynamicCache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not self.target.layers[layer_idx].is_initialized:
-            self.target.early_initialization(self.batch_rows, key_states.shape[1], key_states.shape[-1], key_states.dtype,
-                                             key_states.device)
+            self.target.early_initialization(self.batch_rows, key_states.shape[1], key_states.shape[-1],
+                                             key_states.dtype, key_states.device)
         layer, index = self.target.layers[layer_idx], self.source.expand_as(key_states)
         torch.gather(key_states, 2, index, out=layer.keys[self.rows, :, self.window])
         torch.gather(value_states, 2, index, out=layer.values[self.rows, :, self.window])
