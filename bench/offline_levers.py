@@ -50,7 +50,8 @@ def train_once(model, tokenizer, args) -> None:
     validation = frames["validation"]
     tokenize = dataclasses.replace(PROFILE.tokenize, max_length=args.max_length)
     encoded = {
-        name: tokenization.tokenize_dataset(datasets.Dataset.from_pandas(frame, preserve_index=False), tokenizer, tokenize)[0]
+        name: tokenization.tokenize_dataset(datasets.Dataset.from_pandas(frame, preserve_index=False), tokenizer,
+                                            tokenize)[0]
         for name, frame in (("train", frames["train"]), ("validation", validation.head(eval_pairs)))
     }
     layers = tuple(range(args.layers_from, model.config.num_hidden_layers)) if args.layers_from else ()
@@ -64,7 +65,8 @@ def train_once(model, tokenizer, args) -> None:
     with tempfile.TemporaryDirectory() as scratch:
         artifact = train.train_lora(model, tokenizer, encoded["train"], encoded["validation"], settings,
                                     Path(scratch) / "adapter", Path(scratch) / "checkpoints")
-        print(f"RESULT train {artifact.train_seconds:.0f} s, {artifact.steps} steps, {artifact.tokens_per_second:.0f} tokens/s,"
+        print(f"RESULT train {artifact.train_seconds:.0f} s, {artifact.steps} steps,"
+              f" {artifact.tokens_per_second:.0f} tokens/s,"
               f" eval loss {artifact.base_eval_loss:.4f} -> {artifact.eval_loss:.4f}; {load_text()}", flush=True)
         if args.rouge_rows:
             rows = validation.head(args.rouge_rows)

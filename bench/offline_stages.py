@@ -96,7 +96,8 @@ def materialized_metadata(entries) -> dict[str, dict[str, object]]:
         event = entry.dagster_event
         if event is not None and event.event_type == DagsterEventType.ASSET_MATERIALIZATION:
             materialization = event.event_specific_data.materialization
-            found[materialization.asset_key.to_user_string()] = {k: v.value for k, v in materialization.metadata.items()}
+            found[materialization.asset_key.to_user_string()] = {k: v.value
+                                                                  for k, v in materialization.metadata.items()}
     return found
 
 
@@ -115,7 +116,8 @@ def print_report(run_id: str) -> None:
         figures = [f"{name} {rouge.get(f'{model}_{name}')} {rouge.get(f'{model}_{name}_ci95')}" for name in ROUGE_KEYS]
         print(f"{model}: " + "; ".join(figures))
     if rouge:
-        print(f"samples {rouge.get('samples')}; relative improvement ROUGE-1 {rouge.get('relative_improvement_rouge1')}")
+        print(f"samples {rouge.get('samples')};"
+              f" relative improvement ROUGE-1 {rouge.get('relative_improvement_rouge1')}")
     adapter = metadata.get("lora_adapter", {})
     print("lora_adapter: " + ", ".join(f"{key} {adapter.get(key)}" for key in ADAPTER_KEYS))
     for asset in ("baseline_summaries", "finetuned_summaries"):
@@ -127,7 +129,8 @@ def print_report(run_id: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--run-id", help="read this run from $DAGSTER_HOME instead of running the job")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/offline_stages"), help="emptied, then home/ and data/")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/offline_stages"),
+                        help="emptied, then home/ and data/")
     args = parser.parse_args()
     print(load_text(), "(before)")
     if args.run_id:

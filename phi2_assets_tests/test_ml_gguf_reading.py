@@ -35,7 +35,7 @@ def test_reader_gives_what_gguf_reader_gives(small_gguf: Path):
     assert contents.metadata["tokenizer.ggml.tokens"] == 300
     assert contents.metadata["gemma3.block_count"] == 1
     assert [entry.name for entry in contents.tensors] == [tensor.name for tensor in reference.tensors]
-    for entry, tensor in zip(contents.tensors, reference.tensors):
+    for entry, tensor in zip(contents.tensors, reference.tensors, strict=True):
         expected = dequantize(tensor.data, tensor.tensor_type)
         assert entry.quant == tensor.tensor_type
         np.testing.assert_array_equal(contents.dequantized(entry), expected)
