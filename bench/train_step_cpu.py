@@ -24,15 +24,16 @@ import trl.trainer.utils as trl_utils
 from peft import LoraConfig, get_peft_model
 
 from phi2_assets.ml import models, sources
+from phi2_assets.ml.speedups import labelled_positions_cpu
 from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
-from phi2_assets.ml.train import TARGET_MODULES_BY_ARCHITECTURE, _supervised_positions_only_on_cpu, train_lora
+from phi2_assets.ml.train import TARGET_MODULES_BY_ARCHITECTURE, train_lora
 from phi2_assets.profiles import PROFILES, data_dir
 
 
 def fused_step_seconds(model, batch: dict[str, torch.Tensor], labelled_only: bool) -> float:
     """One forward + backward through TRL's fused LM head, projecting every position or, as `train_lora` makes it
     on CPU, only the labelled ones."""
-    with _supervised_positions_only_on_cpu() if labelled_only else contextlib.nullcontext():
+    with labelled_positions_cpu.applied() if labelled_only else contextlib.nullcontext():
         started = time.perf_counter()
         model(**batch, fused_lm_head=True).loss.backward()
         return time.perf_counter() - started

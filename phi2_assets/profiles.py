@@ -61,7 +61,8 @@ PROFILES: dict[str, Profile] = {
         cleaning=CleaningSettings(train_samples=240, validation_samples=24, test_samples=None),
         tokenize=TokenizeSettings(max_length=160),
         train=TrainSettings(
-            learning_rate=1e-3, epochs=1, per_device_batch_size=4, gradient_accumulation_steps=1, optimizer="adamw_torch",
+            learning_rate=1e-3, epochs=1, per_device_batch_size=4, gradient_accumulation_steps=1,
+            optimizer="adamw_torch",
             lr_scheduler="linear", warmup_ratio=0.05, gradient_checkpointing=False, group_by_length=True,
             layers_to_transform=tuple(range(9, 18)), logging_steps=5, save_steps=20,
         ),
@@ -80,7 +81,8 @@ PROFILES: dict[str, Profile] = {
         cleaning=CleaningSettings(train_samples=48, validation_samples=16, test_samples=16),
         tokenize=TokenizeSettings(max_length=256),
         train=TrainSettings(
-            lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2, epochs=1, max_steps=4, per_device_batch_size=4,
+            lora_r=8, lora_alpha=16, lora_dropout=0.0, learning_rate=1e-2, epochs=1, max_steps=4,
+            per_device_batch_size=4,
             gradient_accumulation_steps=1, optimizer="adamw_torch", lr_scheduler="constant", warmup_ratio=0.0,
             gradient_checkpointing=False, logging_steps=1, eval_steps=2, save_steps=2,
         ),

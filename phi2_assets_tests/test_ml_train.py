@@ -12,8 +12,11 @@ from transformers import AutoModelForCausalLM
 from phi2_assets.ml import models, sources
 from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
 from phi2_assets.ml.train import (
-    TARGET_MODULES_BY_ARCHITECTURE, TrainSettings, expected_trainable_parameters,
-    resolve_optimizer, train_lora,
+    TARGET_MODULES_BY_ARCHITECTURE,
+    TrainSettings,
+    expected_trainable_parameters,
+    resolve_optimizer,
+    train_lora,
 )
 from phi2_assets_tests.conftest import tiny_phi
 
@@ -33,7 +36,11 @@ def tiny():
     model = models.load_model(spec, model_dir, models.choose_precision(False))
 
     def encode(frame, rows):
-        encoded, _ = tokenize_dataset(datasets.Dataset.from_pandas(frame.head(rows), preserve_index=False), tokenizer, TokenizeSettings(max_length=128))
+        encoded, _ = tokenize_dataset(
+            datasets.Dataset.from_pandas(frame.head(rows), preserve_index=False),
+            tokenizer,
+            TokenizeSettings(max_length=128),
+        )
         return encoded
 
     return model, tokenizer, encode(sample["train"], 16), encode(sample["validation"], 8)
@@ -46,13 +53,17 @@ def test_trains_saves_adapter_and_leaves_base_model_untouched(tiny, tmp_path):
         logits_before = model(probe).logits.clone()
     lines: list[str] = []
 
-    artifact = train_lora(model, tokenizer, train, validation, FAST, tmp_path / "adapter", tmp_path / "checkpoints", lines.append)
+    artifact = train_lora(
+        model, tokenizer, train, validation, FAST, tmp_path / "adapter", tmp_path / "checkpoints", lines.append
+    )
 
     assert artifact.steps == 3 and artifact.resumed_from_step == 0
     assert artifact.train_loss_steps == [1, 2, 3] and all(torch.isfinite(torch.tensor(artifact.train_losses)))
     assert artifact.tokens_seen > 0 and artifact.tokens_per_second > 0 and artifact.adapter_bytes > 0
     assert any("tokens/s" in line and "ETA" in line for line in lines)
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "adapter").iterdir()
+    }
     assert not any((tmp_path / "checkpoints").iterdir()), "checkpoints are removed once the adapter is saved"
     # the shared base model comes back as it was: no LoRA layers, original forward, same outputs
     assert type(model).__name__ == "PhiForCausalLM" and "forward" not in model.__dict__
@@ -63,7 +74,11 @@ def test_trains_saves_adapter_and_leaves_base_model_untouched(tiny, tmp_path):
 
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model.name_or_path), artifact.path)
     loaded = sum(p.numel() for name, p in adapted.named_parameters() if "lora_" in name)
-    assert loaded == artifact.trainable_parameters == expected_trainable_parameters(model, TARGET_MODULES_BY_ARCHITECTURE["phi"], 4)
+    assert (
+        loaded
+        == artifact.trainable_parameters
+        == expected_trainable_parameters(model, TARGET_MODULES_BY_ARCHITECTURE["phi"], 4)
+    )
     with torch.no_grad():
         assert not torch.equal(adapted(probe).logits, logits_before), "the adapter changes the model"
 
@@ -71,8 +86,12 @@ def test_trains_saves_adapter_and_leaves_base_model_untouched(tiny, tmp_path):
 def test_eval_loss_falls_when_overfitting_a_repeated_set(tiny, tmp_path):
     model, tokenizer, train, _ = tiny
     repeated = datasets.concatenate_datasets([train.select(range(4))] * 8)
-    settings = dataclasses.replace(FAST, lora_r=8, lora_alpha=16, learning_rate=2e-2, max_steps=8, logging_steps=4, save_steps=100)
-    artifact = train_lora(model, tokenizer, repeated, train.select(range(4)), settings, tmp_path / "adapter", tmp_path / "checkpoints")
+    settings = dataclasses.replace(
+        FAST, lora_r=8, lora_alpha=16, learning_rate=2e-2, max_steps=8, logging_steps=4, save_steps=100
+    )
+    artifact = train_lora(
+        model, tokenizer, repeated, train.select(range(4)), settings, tmp_path / "adapter", tmp_path / "checkpoints"
+    )
     # a random model starts at the uniform distribution's loss, ln(2048) = 7.62
     assert artifact.eval_loss < artifact.base_eval_loss - 0.2, (artifact.base_eval_loss, artifact.eval_loss)
     assert artifact.train_losses[-1] < artifact.train_losses[0]
@@ -84,7 +103,15 @@ def test_padding_to_a_multiple_changes_nothing_learned(tiny, tmp_path):
     model, tokenizer, train, validation = tiny
     settings = dataclasses.replace(FAST, max_steps=2, save_steps=100)
     longest = train_lora(model, tokenizer, train, validation, settings, tmp_path / "a", tmp_path / "checkpoints")
-    padded = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, pad_to_multiple_of=64), tmp_path / "b", tmp_path / "checkpoints")
+    padded = train_lora(
+        model,
+        tokenizer,
+        train,
+        validation,
+        dataclasses.replace(settings, pad_to_multiple_of=64),
+        tmp_path / "b",
+        tmp_path / "checkpoints",
+    )
     assert padded.train_losses == pytest.approx(longest.train_losses, rel=1e-4)
     assert padded.eval_loss == pytest.approx(longest.eval_loss, rel=1e-4)
     assert padded.tokens_seen == longest.tokens_seen
@@ -95,25 +122,56 @@ def test_dataloader_workers_train_and_evaluate_on_the_same_batches(tiny, tmp_pat
     batches at every evaluation (a kept evaluation loader would regroup them)."""
     model, tokenizer, train, validation = tiny
     settings = dataclasses.replace(FAST, max_steps=3, save_steps=100, group_by_length=True, lora_dropout=0.1)
-    in_process = train_lora(model, tokenizer, train, validation, settings, tmp_path / "in_process", tmp_path / "checkpoints")
-    workers = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, dataloader_workers=2), tmp_path / "workers", tmp_path / "checkpoints")
+    in_process = train_lora(
+        model, tokenizer, train, validation, settings, tmp_path / "in_process", tmp_path / "checkpoints"
+    )
+    workers = train_lora(
+        model,
+        tokenizer,
+        train,
+        validation,
+        dataclasses.replace(settings, dataloader_workers=2),
+        tmp_path / "workers",
+        tmp_path / "checkpoints",
+    )
     assert workers.train_losses == in_process.train_losses
     assert (workers.base_eval_loss, workers.eval_loss) == (in_process.base_eval_loss, in_process.eval_loss)
 
 
 def test_interrupted_run_resumes_from_its_checkpoint(tiny, tmp_path):
     model, tokenizer, train, validation = tiny
-    settings = dataclasses.replace(FAST, max_steps=4, save_steps=2, logging_steps=3)  # checkpoint-2 is saved between log lines
+    settings = dataclasses.replace(
+        FAST, max_steps=4, save_steps=2, logging_steps=3
+    )  # checkpoint-2 is saved between log lines
     with pytest.raises(KeyboardInterrupt):
-        train_lora(model, tokenizer, train, validation, settings, tmp_path / "adapter", tmp_path / "checkpoints", _interrupt_at_step_3)
+        train_lora(
+            model,
+            tokenizer,
+            train,
+            validation,
+            settings,
+            tmp_path / "adapter",
+            tmp_path / "checkpoints",
+            _interrupt_at_step_3,
+        )
     assert not (tmp_path / "adapter").exists(), "an interrupted run writes no adapter"
     assert "forward" not in model.__dict__ and not any("lora" in n for n, _ in model.named_parameters())
 
-    changed = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, max_steps=1), tmp_path / "other", tmp_path / "checkpoints")
+    changed = train_lora(
+        model,
+        tokenizer,
+        train,
+        validation,
+        dataclasses.replace(settings, max_steps=1),
+        tmp_path / "other",
+        tmp_path / "checkpoints",
+    )
     assert changed.resumed_from_step == 0, "another configuration never resumes this run's checkpoint"
 
     lines: list[str] = []
-    artifact = train_lora(model, tokenizer, train, validation, settings, tmp_path / "adapter", tmp_path / "checkpoints", lines.append)
+    artifact = train_lora(
+        model, tokenizer, train, validation, settings, tmp_path / "adapter", tmp_path / "checkpoints", lines.append
+    )
     assert artifact.resumed_from_step == 2 and artifact.steps == 4
     # 4 steps of 4 rows are one epoch: the tokens counted before the checkpoint and after the resume are every row's
     assert artifact.tokens_seen == sum(len(ids) for ids in train["input_ids"])
@@ -139,9 +197,18 @@ def test_lora_on_upper_layers_only_adapts_those_layers(tiny, tmp_path):
 
 
 def test_settings_reject_impossible_values():
-    for bad in ({"learning_rate": 0}, {"lora_r": 0}, {"lora_dropout": 1.0}, {"max_steps": 0}, {"lr_scheduler": "sine"}, {"pad_to_multiple_of": 0},
-                {"compile_layers": True, "gradient_checkpointing": True}, {"dataloader_workers": -1},
-                {"compile_layers": True, "speedups": False}, {"layers_to_transform": (-1,)}):
+    for bad in (
+        {"learning_rate": 0},
+        {"lora_r": 0},
+        {"lora_dropout": 1.0},
+        {"max_steps": 0},
+        {"lr_scheduler": "sine"},
+        {"pad_to_multiple_of": 0},
+        {"compile_layers": True, "gradient_checkpointing": True},
+        {"dataloader_workers": -1},
+        {"compile_layers": True, "speedups": False},
+        {"layers_to_transform": (-1,)},
+    ):
         with pytest.raises(ValueError):
             TrainSettings(**bad)
 

@@ -76,7 +76,8 @@ def choose_precision(load_in_4bit: bool, cuda_available: bool | None = None, cpu
         return Precision("cuda", torch.bfloat16, False, "CUDA: bf16 weights (4-bit disabled in config)")
     cpu_bf16 = cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16
     if cpu_bf16:
-        return Precision("cpu", torch.bfloat16, False, "CPU: no 4-bit without CUDA; bf16 because this CPU has AMX/AVX512-bf16")
+        return Precision("cpu", torch.bfloat16, False,
+                         "CPU: no 4-bit without CUDA; bf16 because this CPU has AMX/AVX512-bf16")
     return Precision("cpu", torch.float32, False, "CPU: no 4-bit without CUDA; fp32 because this CPU lacks native bf16")
 
 

@@ -56,28 +56,71 @@ class TrainSettings:
     lora_r: int = documented("LoRA rank", 16)
     lora_alpha: int = documented("LoRA scaling numerator (scale = alpha / r)", 32)
     lora_dropout: float = documented("dropout on the LoRA input", 0.05)
-    layers_to_transform: tuple[int, ...] = documented("decoder layers LoRA adapts, by index; empty = every layer. Upper layers only: the backward pass stops at the lowest one", ())
-    target_modules: tuple[str, ...] = documented("linear layers to adapt; empty = by architecture (Phi: q,k,v,dense,fc1,fc2; Gemma: q,k,v,o,gate,up,down)", ())
+    layers_to_transform: tuple[int, ...] = documented(
+        "decoder layers LoRA adapts, by index; empty = every layer. Upper layers only: the backward pass "
+        "stops at the lowest one",
+        (),
+    )
+    target_modules: tuple[str, ...] = documented(
+        "linear layers to adapt; empty = by architecture (Phi: q,k,v,dense,fc1,fc2; Gemma: "
+        "q,k,v,o,gate,up,down)",
+        (),
+    )
     learning_rate: float = documented("peak learning rate", 2e-4)
     epochs: float = documented("passes over the training split", 3.0)
     max_steps: int | None = documented("optimizer steps cap (overrides epochs); null = run every epoch", None)
     per_device_batch_size: int = documented("sequences per forward pass (training and evaluation)", 2)
     gradient_accumulation_steps: int = documented("forward passes per optimizer step", 8)
-    optimizer: str = documented("transformers optimizer name; bitsandbytes ones (paged_/8bit) become adamw_torch on CPU", "paged_adamw_8bit")
+    optimizer: str = documented(
+        "transformers optimizer name; bitsandbytes ones (paged_/8bit) become adamw_torch on CPU",
+        "paged_adamw_8bit",
+    )
     lr_scheduler: str = documented("learning-rate schedule after warm-up", "cosine")
     warmup_ratio: float = documented("share of the steps spent warming the learning rate up", 0.03)
-    gradient_checkpointing: bool = documented("recompute activations in the backward pass: less memory, ~30% more compute", True)
-    padding_free: bool = documented("one unpadded row per batch; sdpa then masks a block-diagonal O(L^2) matrix, which only pays with flash-attention", False)
-    group_by_length: bool = documented("batch sequences of similar length (less padding) instead of a uniformly random order", False)
-    pad_to_multiple_of: int | None = documented("pad each batch to a multiple of this many positions: few distinct shapes, so CUDA kernels chosen per shape are reused; null = to the longest row", None)
-    compile_layers: bool = documented("compile the decoder layers with torch.compile (a speed-up): less Python per step, for a compile in each process; pays on long GPU runs; not with gradient_checkpointing", False)
-    dataloader_workers: int = documented("processes that fetch and collate the next batches while a step runs; 0 = the training process does it between steps", 0)
-    bf16: bool = documented("bf16 autocast where the model computes in bf16 (CUDA, CPUs with native bf16); off for an fp32 model", True)
+    gradient_checkpointing: bool = documented(
+        "recompute activations in the backward pass: less memory, ~30% more compute",
+        True,
+    )
+    padding_free: bool = documented(
+        "one unpadded row per batch; sdpa then masks a block-diagonal O(L^2) matrix, which only pays with "
+        "flash-attention",
+        False,
+    )
+    group_by_length: bool = documented(
+        "batch sequences of similar length (less padding) instead of a uniformly random order",
+        False,
+    )
+    pad_to_multiple_of: int | None = documented(
+        "pad each batch to a multiple of this many positions: few distinct shapes, so CUDA kernels chosen per"
+        " shape are reused; null = to the longest row",
+        None,
+    )
+    compile_layers: bool = documented(
+        "compile the decoder layers with torch.compile (a speed-up): less Python per step, for a compile in "
+        "each process; pays on long GPU runs; not with gradient_checkpointing",
+        False,
+    )
+    dataloader_workers: int = documented(
+        "processes that fetch and collate the next batches while a step runs; 0 = the training process does "
+        "it between steps",
+        0,
+    )
+    bf16: bool = documented(
+        "bf16 autocast where the model computes in bf16 (CUDA, CPUs with native bf16); off for an fp32 model",
+        True,
+    )
     logging_steps: int = documented("optimizer steps between progress lines", 10)
     eval_steps: int | None = documented("optimizer steps between evaluations; null = evaluate at the end only", None)
-    save_steps: int = documented("optimizer steps between checkpoints (a re-run with the same config resumes from the last)", 50)
+    save_steps: int = documented(
+        "optimizer steps between checkpoints (a re-run with the same config resumes from the last)",
+        50,
+    )
     seed: int = documented("seed for LoRA initialisation and data order", 42)
-    speedups: bool = documented("run the speed-ups of phi2_assets.ml.speedups (same results); false = TRL's SFTTrainer and transformers as shipped", True)
+    speedups: bool = documented(
+        "run the speed-ups of phi2_assets.ml.speedups (same results); false = TRL's SFTTrainer and "
+        "transformers as shipped",
+        True,
+    )
     report_to: str = documented(
         "where step metrics go besides the run log: mlflow (the run's MLflow run, when tracking is on), "
         "tensorboard (under the data dir) or none", "mlflow",
@@ -88,7 +131,8 @@ class TrainSettings:
         if self.lora_r < 1:
             problems.append(f"lora_r must be at least 1, got {self.lora_r}")
         if any(layer < 0 for layer in self.layers_to_transform):
-            problems.append(f"layers_to_transform must hold layer indices (0 or more), got {list(self.layers_to_transform)}")
+            layers = list(self.layers_to_transform)
+            problems.append(f"layers_to_transform must hold layer indices (0 or more), got {layers}")
         if self.lora_alpha <= 0:
             problems.append(f"lora_alpha must be positive, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
@@ -125,7 +169,8 @@ class TrainSettings:
 
 @dataclasses.dataclass(frozen=True)
 class AdapterArtifact:
-    """The trained adapter: where it lies, what it was trained from, and how training went (the `lora_adapter` value)."""
+    """The trained adapter: where it lies, what it was trained from, and how training went (`lora_adapter`'s
+    value)."""
 
     path: str
     base_model: str
@@ -176,7 +221,8 @@ def target_modules_for(model: PreTrainedModel, settings: TrainSettings) -> tuple
     return TARGET_MODULES_BY_ARCHITECTURE[model_type]
 
 
-def expected_trainable_parameters(model: PreTrainedModel, target_modules: tuple[str, ...], rank: int, layers: tuple[int, ...] = ()) -> int:
+def expected_trainable_parameters(model: PreTrainedModel, target_modules: tuple[str, ...], rank: int,
+                                  layers: tuple[int, ...] = ()) -> int:
     """r x (in + out) per adapted linear layer (in `layers` only, when given). Raises when a target name matches no
     linear layer: PEFT would silently adapt fewer layers than asked."""
     expected, matched = 0, set()
@@ -205,7 +251,7 @@ def content_fingerprint(*splits: datasets.Dataset) -> str:
     """Hash of every sequence and label, so a checkpoint resumes only on the very data it was trained on."""
     digest = hashlib.sha256()
     for split in splits:
-        for ids, labels in zip(split["input_ids"], split["labels"]):
+        for ids, labels in zip(split["input_ids"], split["labels"], strict=True):
             digest.update(np.asarray([len(ids)], np.int64).tobytes())
             digest.update(np.asarray(ids, np.int64).tobytes())
             digest.update(np.asarray(labels, np.int64).tobytes())
@@ -232,7 +278,8 @@ class ProgressCallback(TrainerCallback):
             eta = elapsed / done * (state.max_steps - state.global_step)
             tokens_per_second = (state.num_input_tokens_seen - first_tokens) / max(elapsed, 1e-9)
             self.say(
-                f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0.0):.2e}"
+                f"step {state.global_step}/{state.max_steps}  loss {logs['loss']:.4f}"
+                f"  lr {logs.get('learning_rate', 0.0):.2e}"
                 f"  {tokens_per_second:,.0f} tokens/s  ETA {eta / 60:.1f} min"
             )
         elif "eval_loss" in logs and state.global_step > 0:  # step 0 is the base model, reported by train_lora
@@ -289,8 +336,10 @@ def _sft_config(settings: TrainSettings, checkpoint_dir: Path, model: PreTrained
     )
 
 
-def _fingerprint(model: PreTrainedModel, settings: TrainSettings, train: datasets.Dataset, evaluation: datasets.Dataset) -> str:
-    identity = {"base_model": model.name_or_path, "settings": dataclasses.asdict(settings), "data": content_fingerprint(train, evaluation)}
+def _fingerprint(model: PreTrainedModel, settings: TrainSettings, train: datasets.Dataset,
+                 evaluation: datasets.Dataset) -> str:
+    identity = {"base_model": model.name_or_path, "settings": dataclasses.asdict(settings),
+                "data": content_fingerprint(train, evaluation)}
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -365,8 +414,10 @@ def _lora_attached(model: PreTrainedModel, settings: TrainSettings, targets: tup
     try:
         trainable, total = _parameter_counts(peft_model)
         if trainable != expected:
-            raise ValueError(f"LoRA trains {trainable:,} parameters, expected {expected:,} for {targets} at r={settings.lora_r}")
-        say(f"LoRA r={settings.lora_r} on {', '.join(targets)}: {trainable:,} trainable of {total:,} ({trainable / total:.2%})")
+            raise ValueError(
+                f"LoRA trains {trainable:,} parameters, expected {expected:,} for {targets} at r={settings.lora_r}")
+        say(f"LoRA r={settings.lora_r} on {', '.join(targets)}: "
+            f"{trainable:,} trainable of {total:,} ({trainable / total:.2%})")
         if model.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         yield peft_model
