@@ -113,7 +113,11 @@ def print_report(run_id: str) -> None:
     metadata = materialized_metadata(entries)
     rouge = metadata.get("rouge_report", {})
     for model in ("finetuned", "baseline"):
-        figures = [f"{name} {rouge.get(f'{model}_{name}')} {rouge.get(f'{model}_{name}_ci95')}" for name in ROUGE_KEYS]
+        figures = [
+            f"{name} {rouge.get(f'{model}_{name}')} "
+            f"[{rouge.get(f'{model}_{name}_ci95_low')}, {rouge.get(f'{model}_{name}_ci95_high')}]"
+            for name in ROUGE_KEYS
+        ]
         print(f"{model}: " + "; ".join(figures))
     if rouge:
         print(f"samples {rouge.get('samples')};"
