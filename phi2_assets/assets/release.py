@@ -9,6 +9,7 @@ import dagster as dg
 import pandas as pd
 
 from phi2_assets.assets.data import OWNERS
+from phi2_assets.code_versions import code_version
 from phi2_assets.config import ExportConfig, to_settings
 from phi2_assets.metadata import table_markdown
 from phi2_assets.ml import champion, export, generate
@@ -23,7 +24,10 @@ RELEASE_GROUP = "release"
 HISTORY_SEARCHED = 50
 
 
-@dg.asset(group_name=RELEASE_GROUP, kinds={"mlflow", "json"}, owners=OWNERS, code_version="1")
+@dg.asset(
+    group_name=RELEASE_GROUP, kinds={"mlflow", "json"}, owners=OWNERS,
+    code_version=code_version("phi2_assets.ml.champion"),
+)
 def champion_adapter(
     context: dg.AssetExecutionContext, mlflow_tracking: MlflowTracking, rouge_report: RougeReport,
 ) -> dg.Output[champion.Champion]:
@@ -92,7 +96,10 @@ def _file_table(directory: Path, files: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"file": files, "MB": [round((directory / f).stat().st_size / 2**20, 2) for f in files]})
 
 
-@dg.asset(group_name=RELEASE_GROUP, kinds={"huggingface", "peft", "safetensors"}, owners=OWNERS, code_version="1")
+@dg.asset(
+    group_name=RELEASE_GROUP, kinds={"huggingface", "peft", "safetensors"}, owners=OWNERS,
+    code_version=code_version("phi2_assets.ml.export"),
+)
 def exported_model(
     context: dg.AssetExecutionContext, config: ExportConfig, base_model: BaseModelResource,
     mlflow_tracking: MlflowTracking, model_hub: ModelHub, lora_adapter: AdapterArtifact, rouge_report: RougeReport,
