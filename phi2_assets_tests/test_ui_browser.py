@@ -17,7 +17,7 @@ CHROMIUM_FLAGS = [
 VIEWPORT = {"width": 2400, "height": 1350}
 # Generous: the first page load compiles the UI's bundle and queries a busy webserver.
 UI_TIMEOUT_MS = 60_000
-STAGE_GROUPS = ("data", "training", "evaluation")
+STAGE_GROUPS = ("data", "training", "evaluation", "release")
 GRAPH_ASSETS = (
     "tokenized_xsum", "lora_adapter", "evaluation_xsum", "baseline_summaries", "finetuned_summaries",
     "prompt_template_report", "rouge_report",

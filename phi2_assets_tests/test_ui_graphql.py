@@ -7,7 +7,7 @@ import re
 
 from phi2_assets_tests.dagster_ui import PIPELINE_JOB
 
-STAGE_GROUPS = {"data", "training", "evaluation"}
+STAGE_GROUPS = {"data", "training", "evaluation", "release"}
 
 ASSET_NODES = """
 {
