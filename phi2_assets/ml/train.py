@@ -263,7 +263,7 @@ class ProgressCallback(TrainerCallback):
 
     def __init__(self, say: Callable[[str], None]):
         self.say = say
-        self.start: tuple[float, int, int] | None = None  # (time, step, tokens) at this session's first step
+        self.start: tuple[float, int, int] | None = None  # (time, step, tokens) at the first step this process runs
 
     def on_step_begin(self, args, state, control, **kwargs):
         if self.start is None:  # on_train_begin fires before a checkpoint's state is restored
