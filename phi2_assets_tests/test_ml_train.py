@@ -216,6 +216,12 @@ def test_cpu_precision_rule():
     assert models.choose_precision(True, cuda_available=False, cpu_bf16=True).dtype == torch.bfloat16
     assert not models.choose_precision(True, cuda_available=False, cpu_bf16=True).quantized_4bit
     assert models.choose_precision(True, cuda_available=True).quantized_4bit
+    # cpu_dtype overrides the CPU's native bf16 either way; CUDA keeps its rule
+    assert models.choose_precision(False, False, cpu_bf16=True, cpu_dtype="float32").dtype == torch.float32
+    assert models.choose_precision(False, False, cpu_bf16=False, cpu_dtype="bfloat16").dtype == torch.bfloat16
+    assert models.choose_precision(True, cuda_available=True, cpu_dtype="float32").quantized_4bit
+    with pytest.raises(ValueError, match="cpu_dtype"):
+        models.ModelSpec(cpu_dtype="fp16")
 
 
 def test_settings_documented_for_the_launchpad():

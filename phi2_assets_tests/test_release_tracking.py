@@ -176,7 +176,7 @@ def test_merged_model_gives_the_greedy_summaries_of_base_plus_adapter(runs):
     spec, model_dir = tiny_phi()
     tokenizer = models.load_tokenizer(spec, model_dir)
     articles = pd.read_parquet(data_dir() / "assets" / "evaluation_xsum.parquet")["document"].tolist()
-    base = models.load_model(spec, model_dir, models.choose_precision(False))
+    base = models.load_model(spec, model_dir, spec.precision())
     with models.adapted(base, export_dir) as with_adapter:
         adapted = generate.generate_summaries(with_adapter, tokenizer, articles, PROFILE.generation)
     merged = AutoModelForCausalLM.from_pretrained(export_dir / "merged", dtype=torch.float32)

@@ -43,7 +43,8 @@ def train_with_accelerate(
     datasets.DatasetDict({"train": train_dataset, "validation": eval_dataset}).save_to_disk(str(handoff))
     job = TrainingJob(
         model={"source": base_model.source, "name_or_path": base_model.name_or_path,
-               "revision": base_model.revision, "load_in_4bit": base_model.load_in_4bit},
+               "revision": base_model.revision, "load_in_4bit": base_model.load_in_4bit,
+               "cpu_dtype": base_model.cpu_dtype},
         model_dir=base_model.model_dir(),
         datasets_dir=str(handoff),
         settings=dataclasses.asdict(settings),

@@ -86,7 +86,7 @@ def run_job(job: TrainingJob, on_log: Callable[[str], None] | None) -> AdapterAr
     """Load the model on this rank's device and train. Ranks other than 0 save their (identical) copy of the
     adapter to a scratch sibling that is removed at once: only rank 0 writes the asset's directory."""
     spec = job.model_spec()
-    precision = models.choose_precision(spec.load_in_4bit)
+    precision = spec.precision()
     if on_log:
         on_log(f"rank 0 of {os.environ.get('WORLD_SIZE', '1')}: loading {spec.name_or_path}: {precision.reason}")
     tokenizer = models.load_tokenizer(spec, job.model_dir)
@@ -110,7 +110,7 @@ def launch_facts(job: TrainingJob) -> dict[str, object]:
     orchestrator may have no GPU, e.g. on Kubernetes)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     return {
-        "precision": models.choose_precision(job.model_spec().load_in_4bit).reason,
+        "precision": job.model_spec().precision().reason,
         "launcher": "accelerate launch",
         "processes": int(os.environ.get("WORLD_SIZE", "1")),
         "distributed_backend": torch.distributed.get_backend() if distributed else "none",

@@ -278,7 +278,7 @@ def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str |
     dequantisation per decoding step. Where the base trains in 4-bit, the copy is the NF4 weights dequantized to
     bf16, the very weights the adapter was trained against: closer to 4-bit + LoRA than a merge into the original
     bf16 checkpoint (docs/PERFORMANCE.md, "Merged bf16 evaluation")."""
-    precision = models.choose_precision(spec.load_in_4bit)
+    precision = spec.precision()
     model = models.load_model(spec, model_dir, precision)
     if precision.quantized_4bit:
         model = model.dequantize(dtype=torch.bfloat16)

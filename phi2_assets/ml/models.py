@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 MODEL_SOURCES = ("hub", "local", "gguf", "tiny")
+CPU_DTYPES = ("auto", "float32", "bfloat16")
 GGUF_MODEL_DIR = "gemma-3-270m"
 TINY_MODEL_DIR = "tiny-phi"
 TINY_END_OF_TEXT = "<|endoftext|>"
@@ -41,11 +42,17 @@ class ModelSpec:
     name_or_path: str = "microsoft/phi-2"
     revision: str = "main"
     load_in_4bit: bool = True
+    cpu_dtype: str = "auto"
     hub_token: str | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.source not in MODEL_SOURCES:
             raise ValueError(f"model source must be one of {MODEL_SOURCES}, got {self.source!r}")
+        if self.cpu_dtype not in CPU_DTYPES:
+            raise ValueError(f"cpu_dtype must be one of {CPU_DTYPES}, got {self.cpu_dtype!r}")
+
+    def precision(self) -> Precision:
+        return choose_precision(self.load_in_4bit, cpu_dtype=self.cpu_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +74,19 @@ def cpu_supports_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def choose_precision(load_in_4bit: bool, cuda_available: bool | None = None, cpu_bf16: bool | None = None) -> Precision:
-    """4-bit NF4 with bf16 compute on CUDA; on CPU bf16 where the CPU computes it natively, else fp32."""
+def choose_precision(load_in_4bit: bool, cuda_available: bool | None = None, cpu_bf16: bool | None = None,
+                     cpu_dtype: str = "auto") -> Precision:
+    """4-bit NF4 with bf16 compute on CUDA; on CPU `cpu_dtype`, where `auto` is bf16 where the CPU computes it
+    natively, else fp32."""
     cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
     if cuda_available:
         if load_in_4bit:
             return Precision("cuda", torch.bfloat16, True, "CUDA: 4-bit NF4 weights, bf16 compute")
         return Precision("cuda", torch.bfloat16, False, "CUDA: bf16 weights (4-bit disabled in config)")
+    if cpu_dtype == "float32":
+        return Precision("cpu", torch.float32, False, "CPU: no 4-bit without CUDA; fp32 as cpu_dtype asks")
+    if cpu_dtype == "bfloat16":
+        return Precision("cpu", torch.bfloat16, False, "CPU: no 4-bit without CUDA; bf16 as cpu_dtype asks")
     cpu_bf16 = cpu_supports_bf16() if cpu_bf16 is None else cpu_bf16
     if cpu_bf16:
         return Precision("cpu", torch.bfloat16, False,
