@@ -7,7 +7,7 @@ import logging
 import dagster as dg
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.activations import NewGELUActivation
 from transformers.models.phi import modeling_phi
 
@@ -50,6 +50,37 @@ def test_training_with_speedups_learns_what_stock_trl_learns(tiny, tmp_path):
     assert fast.eval_loss == pytest.approx(stock.eval_loss, rel=1e-4)
     assert fast.tokens_seen == stock.tokens_seen
     assert any(isinstance(m, NewGELUActivation) for m in model.modules()), "the base model keeps its own activation"
+
+
+class LoggedFigures(TrainerCallback):
+    """Every log dict the trainer emits, as it emits it."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+TRL_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
+
+
+def test_lean_steps_log_the_entropy_accuracy_and_token_counts_that_stock_trl_logs(tiny, tmp_path):
+    model, tokenizer, train, validation, _ = tiny
+    # evaluation after every step, in batches of 3 of the 8 held-out rows (the last one short)
+    settings = dataclasses.replace(FAST, eval_steps=1, eval_batch_size=3)
+    logged = {}
+    for speedups in (True, False):
+        figures = LoggedFigures()
+        train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, speedups=speedups),
+                   tmp_path / f"adapter-{speedups}", tmp_path / "checkpoints", callbacks=[figures])
+        logged[speedups] = [{key: value for key, value in logs.items() if key.removeprefix("eval_") in TRL_METRICS}
+                            for logs in figures.logs]
+    lean, stock = logged[True], logged[False]
+    assert [sorted(logs) for logs in lean] == [sorted(logs) for logs in stock]
+    assert sum("eval_entropy" in logs for logs in stock) == 3  # the base model and after each of the 2 steps
+    for lean_logs, stock_logs in zip(lean, stock, strict=True):
+        assert lean_logs == pytest.approx(stock_logs, rel=1e-4)
 
 
 def test_generation_with_speedups_gives_the_summaries_of_stock_generate(tiny):
