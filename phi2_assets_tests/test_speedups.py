@@ -1,8 +1,10 @@
 """Every speed-up computes what the stock path computes (`speedups: false`), on the real tiny Phi; version guards
 turn a speed-up off with one warning outside the verified releases."""
 
+import copy
 import dataclasses
 import logging
+import unittest.mock
 
 import dagster as dg
 import pytest
@@ -13,8 +15,9 @@ from transformers.models.phi import modeling_phi
 
 from phi2_assets.ml import sources
 from phi2_assets.ml.generate import GenerationSettings, _generation_config, generate_summaries, stop_token_ids
-from phi2_assets.ml.speedups import fused_rotary, guards, tanh_gelu
+from phi2_assets.ml.speedups import filled_columns, fused_rotary, guards, tanh_gelu
 from phi2_assets.ml.speedups.batch_planning import cache_length, quickest_batches
+from phi2_assets.ml.speedups.filled_columns import FilledColumns
 from phi2_assets.ml.speedups.fused_rotary import FusedRotaryPhiAttention
 from phi2_assets.ml.speedups.lean_steps import cached_module_walks
 from phi2_assets.ml.speedups.static_decoding import greedy_static
@@ -200,6 +203,43 @@ def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives_how
     assert ([until_stop(row) for row in ours[0]] == [until_stop(row) for row in ours[1]]
             == [until_stop(row) for row in reference])
     assert any(len(until_stop(row)) > 1 for row in reference)  # the comparison covers decoding steps, not only prefill
+
+
+def test_filled_columns_name_the_columns_the_decoding_mask_lets_each_row_attend_to():
+    lengths, columns, cache_columns, steps = torch.tensor([3, 5, 1]), 5, 8, 2
+    filled = FilledColumns.after_prompts(lengths, columns, cache_columns)
+    for _ in range(steps):
+        filled.advance()
+    # the decoding mask after `steps` steps: each right-aligned prompt, then the columns written since
+    mask = torch.zeros(len(lengths), cache_columns, dtype=torch.bool)
+    for row, length in enumerate(lengths.tolist()):
+        mask[row, columns - length:columns + steps] = True
+    runs = torch.zeros_like(mask).flatten()
+    for start, used in zip(filled.key_starts[:-1].tolist(), filled.used.tolist(), strict=True):
+        runs[start:start + used] = True
+    assert torch.equal(runs.view_as(mask), mask)
+    assert filled.query_starts.tolist() == [0, 1, 2, 3] and filled.key_starts[-1] == len(lengths) * cache_columns
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length flash kernel runs on CUDA")
+def test_decoding_over_filled_columns_gives_the_tokens_of_masked_decoding_on_cuda(tiny):
+    model, tokenizer, _, _, articles = tiny
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16).eval()
+    assert filled_columns.available(model)
+    stops = stop_token_ids(tokenizer, model)
+    prompts = sorted(encode_prompts(tokenizer, "seed", articles, 500), key=len)
+    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to("cuda")
+    columns = padded["input_ids"].shape[1]
+
+    def decode(cuda_graph):
+        return greedy_static(model, padded["input_ids"], padded["attention_mask"], 12, stops,
+                             cache_length(columns, 12), cuda_graph).tolist()
+
+    with torch.inference_mode():
+        filled = [decode(cuda_graph) for cuda_graph in (True, False)]
+        with unittest.mock.patch.object(filled_columns, "available", lambda model: False):
+            masked = decode(cuda_graph=True)
+    assert filled[0] == filled[1] == masked
 
 
 def test_quickest_batches_trade_padding_against_decoding_steps():
