@@ -240,10 +240,10 @@ def test_decoding_over_filled_columns_gives_the_tokens_of_masked_decoding_on_cud
         with unittest.mock.patch.object(filled_columns, "available", lambda model: False):
             masked = decode(cuda_graph=True)
     assert filled[0] == filled[1]  # a replayed graph runs the eager step's kernels
-    # the same keys, summed by another kernel: bf16 rounding may flip a near tie, wrong columns would flip most tokens
-    agreeing = [a == b for filled_row, masked_row in zip(filled[0], masked, strict=True)
-                for a, b in zip(filled_row, masked_row, strict=True)]
-    assert sum(agreeing) / len(agreeing) > 0.8
+    # the first decoding step's token: the same keys, summed by another kernel, so bf16 rounding may flip a near tie
+    # in a row; attending to wrong columns would change most rows
+    first_step_agrees = [row[1] == other[1] for row, other in zip(filled[0], masked, strict=True)]
+    assert sum(first_step_agrees) >= len(first_step_agrees) - 1
 
 
 def test_quickest_batches_trade_padding_against_decoding_steps():
