@@ -34,6 +34,7 @@ import signal
 import tempfile
 import time
 import traceback
+import unittest.mock
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -49,6 +50,7 @@ from bench.phi2_shape import (
     synthetic_tokenized_xsum,
 )
 from phi2_assets.ml import generate, models
+from phi2_assets.ml.speedups import filled_columns, static_decoding
 from phi2_assets.ml.train import (
     TrainSettings,
     expected_trainable_parameters,
@@ -110,6 +112,16 @@ GENERATION_VARIANTS = {
 }
 # transformers' generate as shipped, on its default dynamic cache (its static cache compiles the model first)
 GENERATION_VARIANTS["merged_bf16_stock"] = {"speedups": False, "cache": "dynamic"}
+# the profile's settings with one speed-up's module attribute replaced: (module, attribute, replacement)
+PATCHED_GENERATION_VARIANTS = {
+    # every decoding step attends under the batch's padding mask, over every cache column
+    "merged_bf16_masked_decoding": (filled_columns, "available", lambda model: False),
+    # prefill in chunks of at most 32k or 64k padded tokens instead of 16k
+    "merged_bf16_prefill_32k": (static_decoding, "PREFILL_CHUNK_TOKENS", 32_768),
+    "merged_bf16_prefill_64k": (static_decoding, "PREFILL_CHUNK_TOKENS", 65_536),
+}
+for _name in PATCHED_GENERATION_VARIANTS:
+    GENERATION_VARIANTS[_name] = {}
 details: dict = {"steps": STEPS, "effective_batch": EFFECTIVE_BATCH,
                  "peak_bf16_flops_used": gpu_metrics.PEAK_BF16_FLOPS}
 
@@ -392,6 +404,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--generation-variants", nargs="*", choices=list(GENERATION_VARIANTS),
+                        default=list(GENERATION_VARIANTS), help="variants of the profile's generation path to run")
     parser.add_argument("--pipeline-json", type=Path, default=None,
                         help="bench/gpu_pipeline.py's results: their pipeline_seconds join the figures")
     gpu_metrics.add_common_arguments(parser)
@@ -410,7 +424,7 @@ def main() -> None:
         "packed_equals_padded", check_packed_equals_padded(inputs.model, inputs.train)))
     training_phases(inputs, args.recipes)
     if not args.skip_generation:
-        generation_phases(inputs)
+        generation_phases(inputs, args.generation_variants)
     print_tables(write_figures())
 
 
@@ -428,7 +442,7 @@ def training_phases(inputs: Inputs, recipes: list[str]) -> None:
             inputs.flops_per_token))
 
 
-def generation_phases(inputs: Inputs) -> None:
+def generation_phases(inputs: Inputs, variant_names: list[str]) -> None:
     """The profile's path first (its first pass is the process's first generation, as an evaluation step's),
     its variants, the same adapter merged into the original bf16 checkpoint, then the 4-bit + LoRA path that
     every other path is compared with."""
@@ -441,7 +455,7 @@ def generation_phases(inputs: Inputs) -> None:
     loaders = {"merged_bf16": lambda: generate.load_merged_bf16(inputs.spec, inputs.model_dir, adapter),
                "merged_checkpoint_bf16": lambda: generate.load_merged_bf16(checkpoint_spec, inputs.model_dir, adapter)}
     for kind, loader in loaders.items():
-        merged_generation(kind, loader, inputs.tokenizer, articles, probes, outputs, logprobs)
+        merged_generation(kind, loader, inputs.tokenizer, articles, probes, outputs, logprobs, variant_names)
     with contextlib.ExitStack() as stack:
         adapted = stack.enter_context(models.adapted(inputs.model, adapter)) if adapter.is_dir() else inputs.model
         unmerged_generation(adapted, inputs.tokenizer, articles, probes, outputs, logprobs)
@@ -450,17 +464,25 @@ def generation_phases(inputs: Inputs) -> None:
 
 
 def merged_generation(kind: str, loader: Callable[[], object], tokenizer, articles: list[str], probes, outputs: dict,
-                      logprobs: dict) -> None:
+                      logprobs: dict, variant_names: list[str]) -> None:
     """One merged model: the profile's settings (and, for the profile's own merge, each variant) on 500 articles."""
     settings = PROFILES["phi2"].generation  # greedy, 60 new tokens, batches planned within free memory
     merged: dict = {}
     phase(f"load {kind}", 60, lambda: merged.__setitem__("model", loader()))
     if "model" not in merged:
         return
-    variants = [(f"{kind}_static", {})] + (list(GENERATION_VARIANTS.items()) if kind == "merged_bf16" else [])
+    chosen = [(name, GENERATION_VARIANTS[name]) for name in GENERATION_VARIANTS if name in variant_names]
+    variants = [(f"{kind}_static", {})] + (chosen if kind == "merged_bf16" else [])
     for name, options in variants:
-        phase(f"generate {name}", 45, lambda name=name, options=options: outputs.__setitem__(name, generation_run(
-            name, merged["model"], tokenizer, articles, dataclasses.replace(settings, **options))))
+        patch = (unittest.mock.patch.object(*PATCHED_GENERATION_VARIANTS[name])
+                 if name in PATCHED_GENERATION_VARIANTS else contextlib.nullcontext())
+
+        def run(name=name, options=options, patch=patch):
+            with patch:
+                outputs[name] = generation_run(name, merged["model"], tokenizer, articles,
+                                               dataclasses.replace(settings, **options))
+
+        phase(f"generate {name}", 45, run)
     if kind == "merged_bf16":
         phase("split prefill and decoding", 45, lambda: split_batches(merged["model"], tokenizer, articles, settings))
     phase(f"log-probs {kind}", 30, lambda: logprobs.__setitem__(kind, next_token_logprobs(merged["model"], probes)))

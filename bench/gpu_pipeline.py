@@ -142,18 +142,19 @@ def fresh_instance(run_dir: Path) -> dict[str, str]:
     return {"DAGSTER_HOME": str(home), "PHI2_DATA_DIR": str(data)}
 
 
-def execute_job(config_path: Path, variables: dict[str, str], log_path: Path) -> tuple[int, float]:
-    """`dagster job execute` of the pipeline in a child process, its output into `log_path`: (exit code, seconds)."""
+def execute_job(config_path: Path, variables: dict[str, str], log_path: Path) -> tuple[int, float, float]:
+    """`dagster job execute` of the pipeline in a child process, its output into `log_path`: (exit code, seconds,
+    the start as a Unix time, comparable with the event log's timestamps)."""
     environment = {**os.environ, **variables}
     environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPOSITORY), os.environ.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "dagster", "job", "execute", "-m", "phi2_assets.definitions", "-j", JOB,
                "-c", str(config_path)]
     print("$ " + " ".join(command), flush=True)
-    started = time.perf_counter()
+    started, started_at = time.perf_counter(), time.time()
     with log_path.open("w") as log:
         run = subprocess.run(command, check=False, cwd=REPOSITORY, env=environment, stdout=log,
                              stderr=subprocess.STDOUT)
-    return run.returncode, time.perf_counter() - started
+    return run.returncode, time.perf_counter() - started, started_at
 
 
 def read_run(dagster_home: Path) -> dict:
@@ -190,7 +191,17 @@ def read_run(dagster_home: Path) -> dict:
             checks["passed" if evaluation.passed else "failed"].append(name)
     end = run.get("RUN_SUCCESS", run.get("RUN_FAILURE"))
     run_seconds = round(end - run["RUN_START"], 1) if end and "RUN_START" in run else None
-    return {"status": run["status"], "run_seconds": run_seconds, "steps": steps, "metadata": metadata, "checks": checks}
+    return {"status": run["status"], "run_seconds": run_seconds, "started_at": run.get("RUN_START"), "ended_at": end,
+            "steps": steps, "metadata": metadata, "checks": checks}
+
+
+def outside_the_run(run: dict, started_at: float, seconds: float) -> dict:
+    """The command's seconds before the run's start event (interpreter, imports, definitions, instance) and after
+    its end event (the process's exit)."""
+    if not run.get("started_at") or not run.get("ended_at"):
+        return {}
+    return {"before_run_seconds": round(run["started_at"] - started_at, 1),
+            "after_run_seconds": round(started_at + seconds - run["ended_at"], 1)}
 
 
 def short(value: object) -> bool:
@@ -218,6 +229,7 @@ def print_report(result: dict) -> None:
     for step, entry in run["steps"].items():
         print(f"| {step} | {entry['seconds']} | {entry['status']} |")
     print(f"\npipeline_seconds {result['pipeline_seconds']} (command), run_seconds {run['run_seconds']} (event log),"
+          f" before the run {result.get('before_run_seconds')} s, after it {result.get('after_run_seconds')} s,"
           f" status {run['status']}, checks passed {len(run['checks'].get('passed', []))},"
           f" failed {run['checks'].get('failed')}")
     print(json.dumps({key: value for key, value in result.items() if key not in ("run", "environment")}))
@@ -244,12 +256,13 @@ def main() -> None:
                  "PHI2_XSUM_DIR": str(xsum_dir)}
     config, config_path = run_config(model_dir, speedups), args.work_dir / "run" / "run_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    code, seconds = execute_job(config_path, variables, args.output_dir / "pipeline.log")
+    code, seconds, started_at = execute_job(config_path, variables, args.output_dir / "pipeline.log")
     switched = sorted(config.get("ops", {}))
     result = {"commit": gpu_metrics.commit(args.commit), "profile": chosen.profile,
               "speedups": speedups if switched else None, "speedups_set_on": switched, "rows": chosen.rows,
               "exit_code": code, "pipeline_seconds": round(seconds, 1)}
     result["run"] = read_run(Path(variables["DAGSTER_HOME"]))
+    result.update(outside_the_run(result["run"], started_at, seconds))
     result.update(figures(result["run"]), environment=gpu_metrics.environment())
     (args.output_dir / "pipeline.json").write_text(json.dumps(result, indent=1, default=str))
     if code != 0:

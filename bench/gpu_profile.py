@@ -71,7 +71,9 @@ GRAPHED = "_graphs"
 STOCK_TRAINER = "_stock_trainer"
 # a compiled recipe + this: Inductor writes each graph's launching code in C++ instead of Python
 CPP_WRAPPER = "_cpp_wrapper"
-VARIANTS = (GRAPHED, STOCK_TRAINER, CPP_WRAPPER)
+# any recipe + this: the lean trainer with TRL's own compute_loss, which reads its metrics with `.item()` per batch
+TRL_LOSS = "_trl_loss"
+VARIANTS = (GRAPHED, STOCK_TRAINER, CPP_WRAPPER, TRL_LOSS)
 COMPILE_ARGUMENTS = {GRAPHED: {"mode": "reduce-overhead"}, CPP_WRAPPER: {"options": {"cpp_wrapper": True}}}
 # host-side phases of a training step, annotated while profiling: (class path, method) -> label
 HOST_PHASES = {
@@ -251,6 +253,24 @@ def stock_trainer(enabled: bool):
 
 
 @contextlib.contextmanager
+def trl_loss(enabled: bool):
+    """The lean trainer computing its loss with TRL's `SFTTrainer.compute_loss`."""
+    if not enabled:
+        yield
+        return
+    from trl import SFTTrainer
+
+    from phi2_assets.ml.speedups.lean_steps import LeanStepSFTTrainer
+
+    lean = LeanStepSFTTrainer.compute_loss
+    LeanStepSFTTrainer.compute_loss = SFTTrainer.compute_loss
+    try:
+        yield
+    finally:
+        LeanStepSFTTrainer.compute_loss = lean
+
+
+@contextlib.contextmanager
 def compile_arguments(arguments: dict | None):
     """`compile_layers` passes these to torch.compile besides its own."""
     if arguments is None:
@@ -275,6 +295,7 @@ def trial(name: str, model, tokenizer, train, evaluation, flops_per_token: float
             bench.sdpa_backends(backends),
             compile_arguments(COMPILE_ARGUMENTS.get(name.removeprefix(base))),
             stock_trainer(name.endswith(STOCK_TRAINER)),
+            trl_loss(name.endswith(TRL_LOSS)),
         ):
             result = bench.train_recipe(name, settings, model, tokenizer, train, evaluation, flops_per_token)
     finally:
@@ -358,6 +379,7 @@ def main() -> None:
         list(TRIALS)
         + ["best_compiled" + GRAPHED]
         + [name + STOCK_TRAINER for name in TRIALS]
+        + [name + TRL_LOSS for name in TRIALS]
         + [name + CPP_WRAPPER for name in compiled]
     )
     parser.add_argument(

@@ -1,20 +1,23 @@
 """Every speed-up computes what the stock path computes (`speedups: false`), on the real tiny Phi; version guards
 turn a speed-up off with one warning outside the verified releases."""
 
+import copy
 import dataclasses
 import logging
+import unittest.mock
 
 import dagster as dg
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.activations import NewGELUActivation
 from transformers.models.phi import modeling_phi
 
 from phi2_assets.ml import sources
 from phi2_assets.ml.generate import GenerationSettings, _generation_config, generate_summaries, stop_token_ids
-from phi2_assets.ml.speedups import fused_rotary, guards, tanh_gelu
+from phi2_assets.ml.speedups import filled_columns, fused_rotary, guards, tanh_gelu
 from phi2_assets.ml.speedups.batch_planning import cache_length, quickest_batches
+from phi2_assets.ml.speedups.filled_columns import FilledColumns
 from phi2_assets.ml.speedups.fused_rotary import FusedRotaryPhiAttention
 from phi2_assets.ml.speedups.lean_steps import cached_module_walks
 from phi2_assets.ml.speedups.static_decoding import greedy_static
@@ -50,6 +53,37 @@ def test_training_with_speedups_learns_what_stock_trl_learns(tiny, tmp_path):
     assert fast.eval_loss == pytest.approx(stock.eval_loss, rel=1e-4)
     assert fast.tokens_seen == stock.tokens_seen
     assert any(isinstance(m, NewGELUActivation) for m in model.modules()), "the base model keeps its own activation"
+
+
+class LoggedFigures(TrainerCallback):
+    """Every log dict the trainer emits, as it emits it."""
+
+    def __init__(self):
+        self.logs = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs or {}))
+
+
+TRL_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
+
+
+def test_lean_steps_log_the_entropy_accuracy_and_token_counts_that_stock_trl_logs(tiny, tmp_path):
+    model, tokenizer, train, validation, _ = tiny
+    # evaluation after every step, in batches of 3 of the 8 held-out rows (the last one short)
+    settings = dataclasses.replace(FAST, eval_steps=1, eval_batch_size=3)
+    logged = {}
+    for speedups in (True, False):
+        figures = LoggedFigures()
+        train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, speedups=speedups),
+                   tmp_path / f"adapter-{speedups}", tmp_path / "checkpoints", callbacks=[figures])
+        logged[speedups] = [{key: value for key, value in logs.items() if key.removeprefix("eval_") in TRL_METRICS}
+                            for logs in figures.logs]
+    lean, stock = logged[True], logged[False]
+    assert [sorted(logs) for logs in lean] == [sorted(logs) for logs in stock]
+    assert sum("eval_entropy" in logs for logs in stock) == 3  # the base model and after each of the 2 steps
+    for lean_logs, stock_logs in zip(lean, stock, strict=True):
+        assert lean_logs == pytest.approx(stock_logs, rel=1e-4)
 
 
 def test_generation_with_speedups_gives_the_summaries_of_stock_generate(tiny):
@@ -169,6 +203,47 @@ def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives_how
     assert ([until_stop(row) for row in ours[0]] == [until_stop(row) for row in ours[1]]
             == [until_stop(row) for row in reference])
     assert any(len(until_stop(row)) > 1 for row in reference)  # the comparison covers decoding steps, not only prefill
+
+
+def test_filled_columns_name_the_columns_the_decoding_mask_lets_each_row_attend_to():
+    lengths, columns, cache_columns, steps = torch.tensor([3, 5, 1]), 5, 8, 2
+    filled = FilledColumns.after_prompts(lengths, columns, cache_columns)
+    for _ in range(steps):
+        filled.advance()
+    # the decoding mask after `steps` steps: each right-aligned prompt, then the columns written since
+    mask = torch.zeros(len(lengths), cache_columns, dtype=torch.bool)
+    for row, length in enumerate(lengths.tolist()):
+        mask[row, columns - length:columns + steps] = True
+    runs = torch.zeros_like(mask).flatten()
+    for start, used in zip(filled.key_starts[:-1].tolist(), filled.used.tolist(), strict=True):
+        runs[start:start + used] = True
+    assert torch.equal(runs.view_as(mask), mask)
+    assert filled.query_starts.tolist() == [0, 1, 2, 3] and filled.key_starts[-1] == len(lengths) * cache_columns
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length flash kernel runs on CUDA")
+def test_decoding_over_filled_columns_gives_the_tokens_of_masked_decoding_on_cuda(tiny):
+    model, tokenizer, _, _, articles = tiny
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16).eval()
+    assert filled_columns.available(model)
+    stops = stop_token_ids(tokenizer, model)
+    prompts = sorted(encode_prompts(tokenizer, "seed", articles, 500), key=len)
+    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to("cuda")
+    columns = padded["input_ids"].shape[1]
+
+    def decode(cuda_graph):
+        return greedy_static(model, padded["input_ids"], padded["attention_mask"], 12, stops,
+                             cache_length(columns, 12), cuda_graph).tolist()
+
+    with torch.inference_mode():
+        filled = [decode(cuda_graph) for cuda_graph in (True, False)]
+        with unittest.mock.patch.object(filled_columns, "available", lambda model: False):
+            masked = decode(cuda_graph=True)
+    assert filled[0] == filled[1]  # a replayed graph runs the eager step's kernels
+    # the first decoding step's token: the same keys, summed by another kernel, so bf16 rounding may flip a near tie
+    # in a row; attending to wrong columns would change most rows
+    first_step_agrees = [row[1] == other[1] for row, other in zip(filled[0], masked, strict=True)]
+    assert sum(first_step_agrees) >= len(first_step_agrees) - 1
 
 
 def test_quickest_batches_trade_padding_against_decoding_steps():

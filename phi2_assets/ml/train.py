@@ -69,7 +69,12 @@ class TrainSettings:
     learning_rate: float = documented("peak learning rate", 2e-4)
     epochs: float = documented("passes over the training split", 3.0)
     max_steps: int | None = documented("optimizer steps cap (overrides epochs); null = run every epoch", None)
-    per_device_batch_size: int = documented("sequences per forward pass (training and evaluation)", 2)
+    per_device_batch_size: int = documented("sequences per training forward pass", 2)
+    eval_batch_size: int | None = documented(
+        "sequences per evaluation forward pass; null = per_device_batch_size. Evaluation keeps no activations for "
+        "a backward pass, so larger batches fit and cost fewer passes",
+        None,
+    )
     gradient_accumulation_steps: int = documented("forward passes per optimizer step", 8)
     optimizer: str = documented(
         "transformers optimizer name; bitsandbytes ones (paged_/8bit) become adamw_torch on CPU",
@@ -148,6 +153,8 @@ class TrainSettings:
                 problems.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.dataloader_workers < 0:
             problems.append(f"dataloader_workers must be 0 or more, got {self.dataloader_workers}")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            problems.append(f"eval_batch_size must be at least 1 (or null), got {self.eval_batch_size}")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             problems.append(f"pad_to_multiple_of must be at least 1 (or null), got {self.pad_to_multiple_of}")
         if self.eval_steps is not None and self.eval_steps < 1:
@@ -298,7 +305,7 @@ def _sft_config(settings: TrainSettings, checkpoint_dir: Path, model: PreTrained
         num_train_epochs=settings.epochs,
         max_steps=settings.max_steps or -1,
         per_device_train_batch_size=settings.per_device_batch_size,
-        per_device_eval_batch_size=settings.per_device_batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size or settings.per_device_batch_size,
         gradient_accumulation_steps=settings.gradient_accumulation_steps,
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler,

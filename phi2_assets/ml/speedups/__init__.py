@@ -15,6 +15,7 @@ versions it was verified against (`guards`).
 | `right_padded_sdpa`       | training   | causal flash attention without the padding mask               |
 | `compiled_layers`         | training   | decoder layers as one torch.compile graph (`compile_layers`)  |
 | `static_decoding`         | generation | static KV cache, chunked prefill, CUDA-graphed greedy steps   |
+| `filled_columns`          | generation | decoding attends over each row's filled cache columns (CUDA)  |
 | `batch_planning`          | generation | batch split by a cost model within free memory (`batch_size: 0`) |
 """
 

@@ -1,13 +1,15 @@
 """Lean steps: less host work per training step, where the Trainer redoes every step what a LoRA model need not.
 
 What: `LeanStepSFTTrainer` counts the parameters for the FLOP figure once, clips the LoRA gradients from a list taken
-once, and keeps the input-token count on the device until a log line or checkpoint reads it (Trainer's `.item()`
-made the host wait for the previous step's GPU work); `cached_module_walks` serves `model.train()` and
-`model.zero_grad()` from lists taken once.
+once, and keeps the input-token count and TRL's per-batch entropy, token accuracy and token count on the device
+until a log line or checkpoint reads them (each `.item()` made the host wait for the GPU's queued work, in every
+training step and every evaluation batch); `cached_module_walks` serves `model.train()` and `model.zero_grad()`
+from lists taken once.
 When it pays: on a GPU, where a QLoRA step of Phi-2 is a few hundred ms of Python around the GPU's work and every
 walk over the model's ~2,300 modules shows in tokens/s. Steps, losses and counted tokens are the stock trainer's.
 Knob: `speedups` of the training stage; it overrides Trainer's private `_clip_grad_norm`,
-`_track_num_input_tokens` and `_save_checkpoint`, so it runs only on the verified transformers and TRL releases.
+`_track_num_input_tokens` and `_save_checkpoint`, and SFTTrainer's `compute_loss` for its plain next-token loss (its
+`_metrics` and `_total_train_tokens`), so it runs only on the verified transformers and TRL releases.
 """
 
 from __future__ import annotations
@@ -22,12 +24,13 @@ from trl import SFTTrainer
 from phi2_assets.ml.speedups import guards
 
 _OVERRIDDEN = ("_clip_grad_norm", "_track_num_input_tokens", "_save_checkpoint", "_has_mixed_mesh_grads")
+_METRICS = ("entropy", "mean_token_accuracy")  # SFTTrainer's per-batch metrics, in the order it records them
 
 
 def available() -> bool:
     """The verified releases, with every Trainer method the lean trainer overrides or calls."""
     return guards.requires("lean_steps", transformers=guards.TRANSFORMERS, trl=guards.TRL) and all(
-        hasattr(Trainer, name) for name in _OVERRIDDEN)
+        hasattr(Trainer, name) for name in _OVERRIDDEN) and hasattr(SFTTrainer, "compute_loss")
 
 
 class LeanStepSFTTrainer(SFTTrainer):
@@ -40,11 +43,16 @@ class LeanStepSFTTrainer(SFTTrainer):
     - Trainer counts the step's input tokens with `.item()`, which makes the host wait, before the next step's
       launches, for the GPU to finish the last step; the count stays on the device until a log line or a checkpoint
       reads it.
+    - SFTTrainer's loss reads its entropy, token accuracy and (training) token count with three more `.item()`s per
+      batch, training and evaluation alike; `compute_loss` computes the same loss and keeps those figures on the
+      device until a log line reads them, which then sees the values TRL would have recorded.
     """
 
     _parameters_without_embeddings: int | None = None
     _trainable_parameters: list[torch.nn.Parameter] | None = None
     _pending_input_tokens: torch.Tensor | None = None
+    _pending_train_tokens: torch.Tensor | None = None
+    _pending_metrics: dict[str, list[torch.Tensor]] | None = None
 
     def floating_point_ops(self, inputs: dict) -> int:
         main_input = getattr(self.model, "main_input_name", "input_ids")
@@ -73,8 +81,63 @@ class LeanStepSFTTrainer(SFTTrainer):
             self.state.num_input_tokens_seen += int(self._pending_input_tokens)
             self._pending_input_tokens = None
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if return_outputs or "attention_mask" not in inputs or not self._plain_next_token_loss():
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        per_token_loss = -outputs.log_probs  # zero on ignored positions
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        self._defer_metrics(inputs, outputs)
+        return loss
+
+    def _plain_next_token_loss(self) -> bool:
+        """SFTTrainer's default loss: no custom loss function, label smoothing, DFT loss, MoE auxiliary loss or
+        sequence parallelism (each of those, and padding-free batches, keep TRL's own `compute_loss`)."""
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        return (self.compute_loss_func is None and self.label_smoother is None and self.args.loss_type == "nll"
+                and not self.aux_loss_enabled and not (parallelism is not None and parallelism.sp_enabled))
+
+    def _defer_metrics(self, inputs: dict, outputs) -> None:
+        """SFTTrainer's per-batch entropy and token accuracy (0 for a batch without labels) and, in training, its
+        token count, kept on the device."""
+        mode = "train" if self.model.training else "eval"
+        gather = self.accelerator.gather_for_metrics
+        num_valid = gather(outputs.label_mask.sum()).sum()
+        entropy_sum = gather(outputs.entropy.detach().sum()).sum()
+        num_correct = gather(outputs.is_top1.sum()).sum()
+        labelled = num_valid > 0
+        figures = torch.stack([torch.where(labelled, entropy_sum / num_valid, 0.0).float(),
+                               torch.where(labelled, num_correct / num_valid, 0.0).float()])
+        if self._pending_metrics is None:
+            self._pending_metrics = {"train": [], "eval": []}
+        self._pending_metrics[mode].append(figures)
+        if mode == "train":
+            tokens = gather(inputs["attention_mask"].sum()).sum() // self._tp_size
+            pending = self._pending_train_tokens
+            self._pending_train_tokens = tokens if pending is None else pending + tokens
+
+    def _record_pending_metrics(self) -> None:
+        """The deferred figures into SFTTrainer's `_metrics` and `_total_train_tokens`, as its `compute_loss`
+        records them."""
+        if self._pending_train_tokens is not None:
+            self._total_train_tokens += int(self._pending_train_tokens)
+            self._pending_train_tokens = None
+        for mode, pending in (self._pending_metrics or {}).items():
+            if not pending:
+                continue
+            for batch in torch.stack(pending).tolist():
+                for name, value in zip(_METRICS, batch, strict=True):
+                    self._metrics[mode][name].append(value)
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            pending.clear()
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         self._count_pending_input_tokens()
+        self._record_pending_metrics()
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:

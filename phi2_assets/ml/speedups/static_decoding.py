@@ -8,7 +8,8 @@ place. Recording costs one step of host time; nothing is compiled.
 Prefill runs in chunks of consecutive rows (sorted by length when they arrive sorted), each padded only to its own
 longest prompt. A chunk runs left-aligned, padded on the right, so plain causal attention needs no padding mask
 and SDPA takes the flash kernel; each layer writes its keys and values straight into the batch's cache,
-right-aligned as decoding needs them.
+right-aligned as decoding needs them. On CUDA each decoding step attends only over the columns each row has filled
+(`filled_columns`); elsewhere under the batch's padding mask.
 When it pays: batched greedy generation on CUDA. The tokens are `model.generate`'s (greedy, `min_new_tokens=1`).
 Knob: `cache: static` (greedy only) with `speedups: true`; `cuda_graph: false` decodes the same way eagerly. It
 writes `StaticCache` layers' fields directly, so it runs only on the verified transformers releases; elsewhere
@@ -17,6 +18,7 @@ writes `StaticCache` layers' fields directly, so it runs only on the verified tr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
@@ -24,7 +26,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
-from phi2_assets.ml.speedups import guards
+from phi2_assets.ml.speedups import filled_columns, guards
 from phi2_assets.ml.speedups.right_padded_sdpa import CAUSAL_SDPA_KERNELS
 
 log = logging.getLogger(__name__)
@@ -50,34 +52,48 @@ def greedy_static(
     stop_ids: Sequence[int],
     cache_length: int,
     cuda_graph: bool,
-    prefill_chunk_tokens: int = PREFILL_CHUNK_TOKENS,
+    prefill_chunk_tokens: int | None = None,
 ) -> torch.Tensor:
     """New token ids (rows x at most `max_new_tokens`) of greedy decoding of a left-padded batch: the tokens
     `model.generate(do_sample=False, min_new_tokens=1)` gives, up to each row's first stop token (a stopped row
-    keeps decoding until all have stopped; what follows its stop token means nothing)."""
-    rows, columns = input_ids.shape
+    keeps decoding until all have stopped; what follows its stop token means nothing). Prefill chunks hold at most
+    `prefill_chunk_tokens` padded tokens (default `PREFILL_CHUNK_TOKENS`)."""
     cache = StaticCache(config=model.config, max_cache_len=cache_length)
     lengths = attention_mask.sum(-1)
-    logits = _prefill(model, input_ids, lengths, cache, prefill_chunk_tokens)
+    logits = _prefill(model, input_ids, lengths, cache, prefill_chunk_tokens or PREFILL_CHUNK_TOKENS)
     stops = torch.tensor(list(stop_ids), device=input_ids.device)
     logits[:, stops] = torch.finfo(logits.dtype).min  # no summary may end before it starts
-    next_ids = logits.argmax(-1)
-    tokens, finished = [next_ids], torch.isin(next_ids, stops)
+    first_ids = logits.argmax(-1)
+    attend_filled = filled_columns.available(model)
+    with filled_columns.applied(model) if attend_filled else contextlib.nullcontext():
+        return _decode(model, first_ids, attention_mask, cache, cache_length, max_new_tokens, stops, cuda_graph,
+                       attend_filled)
 
+
+def _decode(model, first_ids: torch.Tensor, attention_mask: torch.Tensor, cache: StaticCache, cache_length: int,
+            max_new_tokens: int, stops: torch.Tensor, cuda_graph: bool, attend_filled: bool) -> torch.Tensor:
+    """The decoding steps after the prefill chose `first_ids`: every row's new tokens, the first included."""
+    rows, columns = attention_mask.shape
+    tokens, finished = [first_ids], torch.isin(first_ids, stops)
     # a row's first new token follows its prompt
-    step_ids, step_positions = next_ids[:, None].clone(), lengths[:, None].clone()
+    step_ids, step_positions = first_ids[:, None].clone(), attention_mask.sum(-1)[:, None]
     # a prepared 4D mask reaches attention as it is: the prompt's padding, then each new column as it is written
-    step_mask = torch.zeros(rows, 1, 1, cache_length, dtype=torch.bool, device=input_ids.device)
+    step_mask = torch.zeros(rows, 1, 1, cache_length, dtype=torch.bool, device=first_ids.device)
     step_mask[:, 0, 0, :columns] = attention_mask.bool()
+    filled = (filled_columns.FilledColumns.after_prompts(attention_mask.sum(-1), columns, cache_length)
+              if attend_filled else None)
+    attending = {"filled_columns": filled} if filled is not None else {}
 
     def step() -> torch.Tensor:
-        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions,
-                     cache=cache).logits[:, -1]
+        return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, cache=cache,
+                     **attending).logits[:, -1]
 
     run: Callable[[], torch.Tensor] = step
     for index in range(1, max_new_tokens):
         step_mask[:, 0, 0, columns + index - 1] = True
-        if cuda_graph and input_ids.is_cuda and index == _WARM_UP_STEPS + 1:
+        if filled is not None:
+            filled.advance()
+        if cuda_graph and first_ids.is_cuda and index == _WARM_UP_STEPS + 1:
             try:
                 run = _recorded(step)
             except RuntimeError as error:
@@ -131,10 +147,21 @@ class _RightAligningWriter(DynamicCache):
         if not self.target.layers[layer_idx].is_initialized:
             self.target.early_initialization(self.batch_rows, key_states.shape[1], key_states.shape[-1],
                                              key_states.dtype, key_states.device)
+            _lay_out_token_major(self.target)
         layer, index = self.target.layers[layer_idx], self.source.expand_as(key_states)
         torch.gather(key_states, 2, index, out=layer.keys[self.rows, :, self.window])
         torch.gather(value_states, 2, index, out=layer.values[self.rows, :, self.window])
         return key_states, value_states
+
+
+def _lay_out_token_major(cache: StaticCache) -> None:
+    """Every layer's keys and values as (rows, positions, heads, head dim) in memory, seen through the same
+    (rows, heads, positions, head dim) shape: each row's positions are then one flat run of tokens, as the
+    variable-length attention kernel reads them."""
+    for layer in cache.layers:
+        rows, heads, positions, head_dim = layer.keys.shape
+        layer.keys = layer.keys.new_zeros(rows, positions, heads, head_dim).transpose(1, 2)
+        layer.values = layer.values.new_zeros(rows, positions, heads, layer.values.shape[-1]).transpose(1, 2)
 
 
 def _row_chunks(lengths: Sequence[int], chunk_tokens: int) -> list[tuple[int, int]]:
