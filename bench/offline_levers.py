@@ -6,7 +6,7 @@ validation eval loss of the base model and the adapter, then (with --rouge-rows)
 validation rows with their ROUGE-1; `generate` times zero-shot generation of validation rows at each prompt budget
 and says how many positions the LM head projects during prefill; `decode` times zero-shot generation of validation
 rows through transformers' `generate` (`speedups: false`) and through the speed-ups at each batch size, side by
-side, with the share of summaries equal to `generate`'s. Each run prints the load average beside its figures.
+side, with the share of summaries equal to the first `generate`'s. Each run prints the load average beside its figures.
 The model comes from a conversion made once under --models (models.ensure_gguf_conversion); `--cpu-dtype float32`
 gives a CPU without native bf16's figures on one that has it.
 
@@ -102,12 +102,10 @@ def generate_timings(model, tokenizer, args) -> None:
 def decode_timings(model, tokenizer, args) -> None:
     frames, _ = splits(PROFILE.cleaning.train_samples, 0)
     articles = frames["validation"].head(args.rows)["document"].tolist()
-    trials = [("generate", dataclasses.replace(PROFILE.generation, speedups=False))] + [
-        (f"speed-ups, batch {size}", dataclasses.replace(PROFILE.generation, batch_size=size))
-        for size in args.batch_sizes
-    ]
+    trials = [(f"{name}, batch {size}", dataclasses.replace(PROFILE.generation, batch_size=size, speedups=speedups))
+              for size in args.batch_sizes for name, speedups in (("generate", False), ("speed-ups", True))]
     reference = None
-    print("| decoding | seconds | summaries/s | new tokens | equal to generate's |\n|---|---|---|---|---|")
+    print("| decoding | seconds | summaries/s | new tokens | equal to the first |\n|---|---|---|---|---|")
     for name, settings in trials:
         result = generate.generate_summaries(model, tokenizer, articles, settings)
         summaries = [record.text for record in result.records]

@@ -20,6 +20,7 @@ from phi2_assets.ml.speedups.batch_planning import cache_length, quickest_batche
 from phi2_assets.ml.speedups.filled_columns import FilledColumns
 from phi2_assets.ml.speedups.fused_rotary import FusedRotaryPhiAttention
 from phi2_assets.ml.speedups.lean_steps import cached_module_walks
+from phi2_assets.ml.speedups.shrinking_batch import greedy_shrinking
 from phi2_assets.ml.speedups.static_decoding import greedy_static
 from phi2_assets.ml.tokenization import encode_prompts
 from phi2_assets.ml.train import TrainSettings, train_lora
@@ -244,6 +245,31 @@ def test_decoding_over_filled_columns_gives_the_tokens_of_masked_decoding_on_cud
     # in a row; attending to wrong columns would change most rows
     first_step_agrees = [row[1] == other[1] for row, other in zip(filled[0], masked, strict=True)]
     assert sum(first_step_agrees) >= len(first_step_agrees) - 1
+
+
+def test_a_shrinking_batch_gives_the_tokens_transformers_generate_gives_as_rows_stop_at_different_steps(tiny):
+    model, tokenizer, _, _, articles = tiny
+    model.eval()
+    prompts = sorted(encode_prompts(tokenizer, "seed", articles, 300), key=len)
+    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+    columns = padded["input_ids"].shape[1]
+
+    def decoded(stops):
+        config = _generation_config(SETTINGS, stops, tokenizer.pad_token_id)
+        reference = model.generate(**padded, generation_config=config)[:, columns:].tolist()
+        until_stop = [row[: next((i + 1 for i, token in enumerate(row) if token in stops), len(row))]
+                      for row in reference]
+        return until_stop, greedy_shrinking(model, padded["input_ids"], padded["attention_mask"], 12, stops)
+
+    with torch.inference_mode():
+        usual_stops = stop_token_ids(tokenizer, model)
+        free_running, _ = decoded(usual_stops)
+        # stop tokens from the free-running rows: the first row stops mid-way, or the last row's second token
+        # stops the rows that share it while the others decode on
+        for extra in (free_running[0][5], free_running[-1][1]):
+            reference, ours = decoded(sorted({*usual_stops, extra}))
+            assert ours == reference
+            assert len({len(row) for row in ours}) > 1  # rows left the batch while others decoded on
 
 
 def test_quickest_batches_trade_padding_against_decoding_steps():

@@ -20,7 +20,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 from phi2_assets.ml import models, speedups
 from phi2_assets.ml.prompts import TEMPLATES, split_template
 from phi2_assets.ml.settings import documented
-from phi2_assets.ml.speedups import batch_planning, static_decoding
+from phi2_assets.ml.speedups import batch_planning, shrinking_batch, static_decoding
 from phi2_assets.ml.tokenization import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,10 @@ def _decodes_statically(settings: GenerationSettings) -> bool:
     return settings.cache == "static" and settings.speedups and static_decoding.available()
 
 
+def _decodes_shrinking(settings: GenerationSettings) -> bool:
+    return settings.cache == "dynamic" and settings.num_beams == 1 and settings.speedups and shrinking_batch.available()
+
+
 def _generation_config(settings: GenerationSettings, stop_ids: list[int], pad_id: int) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
@@ -190,6 +194,9 @@ def _generate_batch(model, tokenizer, prompts: list[list[int]], config: Generati
         new_tokens = static_decoding.greedy_static(model, padded["input_ids"], padded["attention_mask"],
                                                    config.max_new_tokens, stop_ids, cache_length,
                                                    settings.cuda_graph).tolist()
+    elif _decodes_shrinking(settings):
+        new_tokens = shrinking_batch.greedy_shrinking(model, padded["input_ids"], padded["attention_mask"],
+                                                      config.max_new_tokens, stop_ids)
     else:  # left padding: the new tokens start at one column
         new_tokens = model.generate(**padded, generation_config=config)[:, columns:].tolist()
     stop_set = set(stop_ids)

@@ -16,6 +16,7 @@ versions it was verified against (`guards`).
 | `compiled_layers`         | training   | decoder layers as one torch.compile graph (`compile_layers`)  |
 | `static_decoding`         | generation | static KV cache, chunked prefill, CUDA-graphed greedy steps   |
 | `filled_columns`          | generation | decoding attends over each row's filled cache columns (CUDA)  |
+| `shrinking_batch`         | generation | greedy steps on the dynamic cache for unstopped rows only     |
 | `batch_planning`          | generation | batch split by a cost model within free memory (`batch_size: 0`) |
 """
 
@@ -62,8 +63,8 @@ def for_training(base: PreTrainedModel, peft_model: PreTrainedModel, enabled: bo
 
 @contextlib.contextmanager
 def for_generation(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
-    """While inside, generation with `model` runs with the module-level speed-ups (`static_decoding` and
-    `batch_planning` are chosen per call by `generate`)."""
+    """While inside, generation with `model` runs with the module-level speed-ups (`static_decoding`,
+    `shrinking_batch` and `batch_planning` are chosen per call by `generate`)."""
     with contextlib.ExitStack() as stack:
         if enabled:
             stack.enter_context(tanh_gelu.applied(model))
