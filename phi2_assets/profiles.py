@@ -67,8 +67,8 @@ PROFILES: dict[str, Profile] = {
             layers_to_transform=tuple(range(9, 18)), logging_steps=5, save_steps=20,
         ),
         # every held-out test row; prompts cut to 144 tokens like the training prompts (prefill is most of a CPU
-        # batch); 32 per batch (three for the 93 rows), each row leaving its batch at its stop (docs/PERFORMANCE.md, "Shrinking batch");
-        # at most 40 new tokens (a fine-tuned summary is one sentence)
+        # batch); 32 per batch (three for the 93 rows), each row leaving its batch at its stop (docs/PERFORMANCE.md,
+        # "Shrinking batch"); at most 40 new tokens (a fine-tuned summary is one sentence)
         evaluation_set=EvaluationSetSettings(split="test", samples=None),
         generation=GenerationSettings(max_new_tokens=40, batch_size=32, max_prompt_tokens=144),
         template_comparison=TemplateComparisonSettings(samples=8),
