@@ -30,8 +30,11 @@ def greedy_shrinking(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     stop token: the tokens `model.generate(do_sample=False, min_new_tokens=1)` gives, without what follows a stop."""
     cache = DynamicCache(config=model.config)
     positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    # the last column named by index, so the LM head gets a contiguous copy of its hidden states: a sliced view
+    # sends a bf16 CPU matmul through a batched copy of the whole head weight per row
+    last_column = torch.tensor([input_ids.shape[1] - 1], device=input_ids.device)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, cache=cache,
-                   logits_to_keep=1).logits[:, -1].float()
+                   logits_to_keep=last_column).logits[:, -1].float()
     stops = torch.tensor(list(stop_ids), device=input_ids.device)
     logits[:, stops] = torch.finfo(logits.dtype).min  # no summary may end before it starts
     next_ids = logits.argmax(-1)
