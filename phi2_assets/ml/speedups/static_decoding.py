@@ -66,21 +66,22 @@ def greedy_static(
     first_ids = logits.argmax(-1)
     attend_filled = filled_columns.available(model)
     with filled_columns.applied(model) if attend_filled else contextlib.nullcontext():
-        return _decode(model, first_ids, attention_mask, cache, cache_length, max_new_tokens, stops, cuda_graph,
-                       attend_filled)
+        return _decode(model, first_ids, attention_mask, lengths, cache, cache_length, max_new_tokens, stops,
+                       cuda_graph, attend_filled)
 
 
-def _decode(model, first_ids: torch.Tensor, attention_mask: torch.Tensor, cache: StaticCache, cache_length: int,
-            max_new_tokens: int, stops: torch.Tensor, cuda_graph: bool, attend_filled: bool) -> torch.Tensor:
+def _decode(model, first_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor, cache: StaticCache,
+            cache_length: int, max_new_tokens: int, stops: torch.Tensor, cuda_graph: bool,
+            attend_filled: bool) -> torch.Tensor:
     """The decoding steps after the prefill chose `first_ids`: every row's new tokens, the first included."""
     rows, columns = attention_mask.shape
     tokens, finished = [first_ids], torch.isin(first_ids, stops)
     # a row's first new token follows its prompt
-    step_ids, step_positions = first_ids[:, None].clone(), attention_mask.sum(-1)[:, None]
+    step_ids, step_positions = first_ids[:, None].clone(), lengths[:, None].clone()
     # a prepared 4D mask reaches attention as it is: the prompt's padding, then each new column as it is written
     step_mask = torch.zeros(rows, 1, 1, cache_length, dtype=torch.bool, device=first_ids.device)
     step_mask[:, 0, 0, :columns] = attention_mask.bool()
-    filled = (filled_columns.FilledColumns.after_prompts(attention_mask.sum(-1), columns, cache_length)
+    filled = (filled_columns.FilledColumns.after_prompts(lengths, columns, cache_length)
               if attend_filled else None)
     attending = {"filled_columns": filled} if filled is not None else {}
 
