@@ -7,13 +7,16 @@ Every recipe trains on the same XSum-shaped token rows for the same 16 optimizer
 is measured after the first progress line (4 steps) and MFU counts useful FLOPs (bench/gpu_metrics.py) against
 790 TFLOP/s. Recipes: `best`, the phi2 profile's; `stock`, the same batch and layout with `speedups: false` (TRL and
 transformers as shipped); `seed`, the seed notebooks' recipe; compiled, padding and memory-capped variants.
-Generation: the profile's path first (its first pass is the first generation in the process, 500 prompts, as an
-evaluation step meets it), then variants, the 4-bit + LoRA path, and how far each path's summaries agree.
+Evaluation: the profile's recipe evaluated on 500 held-out rows at each `--evaluation-batches` size, in batches
+sorted by length against Trainer's length-grouped ones. Generation: the profile's path first (its first pass is the
+first generation in the process, 500 prompts, as an evaluation step meets it), then variants, the 4-bit + LoRA
+path, and how far each path's summaries agree.
 
 On a CUDA machine, from the repository root with the project's dependencies installed:
 
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=. python bench/gpu_benchmark.py
-        [--recipes best stock seed lean ...] [--skip-generation] [--pipeline-json data/bench/pipeline.json]
+        [--recipes best stock seed lean ...] [--evaluation-batches 16 64] [--skip-generation]
+        [--pipeline-json data/bench/pipeline.json]
         [--output-dir data/bench] [--commit SHA]
 
 Writes <output-dir>/h200.json (the headline figures, with the commit and `pipeline_seconds` from
@@ -50,7 +53,7 @@ from bench.phi2_shape import (
     synthetic_tokenized_xsum,
 )
 from phi2_assets.ml import generate, models
-from phi2_assets.ml.speedups import filled_columns, static_decoding
+from phi2_assets.ml.speedups import filled_columns, sorted_evaluation, static_decoding
 from phi2_assets.ml.train import (
     TrainSettings,
     expected_trainable_parameters,
@@ -69,6 +72,7 @@ STEPS = 16  # optimizer steps per recipe, 16 sequences each (8 left identical re
 EFFECTIVE_BATCH = 16
 LEAN_CARD_GIB = 15.0  # what a 16 GB card (T4) leaves to PyTorch's allocator
 SEQUENTIAL_ARTICLES, UNMERGED_ARTICLES, MERGED_ARTICLES = 3, 256, 500
+EVALUATION_ROWS = 500  # the phi2 profile's validation rows, evaluated before and after each recipe's training
 PROGRESS = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.]+).*?([\d,]+) tokens/s")
 
 LOGGED_EVERY = 4  # steps between progress lines: each reads the token count, a wait for the GPU (the profile: 10)
@@ -406,6 +410,8 @@ def main() -> None:
     parser.add_argument("--skip-generation", action="store_true")
     parser.add_argument("--generation-variants", nargs="*", choices=list(GENERATION_VARIANTS),
                         default=list(GENERATION_VARIANTS), help="variants of the profile's generation path to run")
+    parser.add_argument("--evaluation-batches", nargs="*", type=int, default=[16, 64],
+                        help="evaluation batch sizes timed with sorted and with length-grouped batches (none: skip)")
     parser.add_argument("--pipeline-json", type=Path, default=None,
                         help="bench/gpu_pipeline.py's results: their pipeline_seconds join the figures")
     gpu_metrics.add_common_arguments(parser)
@@ -423,6 +429,7 @@ def main() -> None:
     phase("packed_equals_padded", 60, lambda: details.__setitem__(
         "packed_equals_padded", check_packed_equals_padded(inputs.model, inputs.train)))
     training_phases(inputs, args.recipes)
+    evaluation_phases(inputs, args.evaluation_batches)
     if not args.skip_generation:
         generation_phases(inputs, args.generation_variants)
     print_tables(write_figures())
@@ -440,6 +447,31 @@ def training_phases(inputs: Inputs, recipes: list[str]) -> None:
         phase(f"train {name}", 150 if name == "seed" else 60, lambda name=name: train_recipe(
             name, RECIPES[name], inputs.model, inputs.tokenizer, inputs.train, inputs.evaluation,
             inputs.flops_per_token))
+
+
+def evaluation_phases(inputs: Inputs, batch_sizes: list[int]) -> None:
+    """The profile's recipe for one step, evaluated on EVALUATION_ROWS held-out rows before and after it, at each
+    evaluation batch size: batches sorted by length (the profile's speed-ups) against Trainer's length-grouped
+    sampler (the same speed-ups with `sorted_evaluation` off)."""
+    rows = synthetic_tokenized_xsum(EVALUATION_ROWS, seed=1)
+    one_step = dataclasses.replace(BEST, max_steps=1)
+    for batch in batch_sizes:
+        for order in ("sorted", "grouped"):
+            patch = (unittest.mock.patch.object(sorted_evaluation, "available", lambda: False)
+                     if order == "grouped" else contextlib.nullcontext())
+
+            def run(name=f"{order}_{batch}", batch=batch, patch=patch):
+                with patch:
+                    artifact = train_lora(inputs.model, inputs.tokenizer, inputs.train.select(range(EFFECTIVE_BATCH)),
+                                          rows, dataclasses.replace(one_step, eval_batch_size=batch),
+                                          WORK / f"adapter-evaluation-{name}", WORK / "checkpoints")
+                details.setdefault("evaluation", {})[name] = {
+                    "rows": len(rows), "eval_batch_size": batch, "evaluations": artifact.evaluations,
+                    "seconds_per_evaluation": round(artifact.evaluation_seconds / artifact.evaluations, 2),
+                    "eval_loss_base": round(artifact.base_eval_loss, 4),
+                    "eval_loss_after": round(artifact.eval_loss, 4)}
+
+            phase(f"evaluate {order} {batch}", 90, run)
 
 
 def generation_phases(inputs: Inputs, variant_names: list[str]) -> None:
@@ -576,6 +608,11 @@ def print_tables(figures: dict) -> None:
     for name, r in generation.items():
         batches = " + ".join(map(str, r["batches"]))
         print(f"| {name} | {r['per_s']} | {batches} | {r['nonempty_rate']:.0%} | {r['peak_mem_gib']} |")
+    print("\n| evaluation | rows | batch | s per evaluation | base eval loss |")
+    print("|---|---|---|---|---|")
+    for name, r in details.get("evaluation", {}).items():
+        print(f"| {name} | {r['rows']} | {r['eval_batch_size']} | {r['seconds_per_evaluation']} "
+              f"| {r['eval_loss_base']} |")
     print(json.dumps({k: v for k, v in figures.items() if k != "environment"}))
     keys = ("generation_split", "summaries_vs_4bit", "summaries_vs_profile_path", "logprobs_vs_4bit",
             "packed_equals_padded", "errors", "phase_seconds")

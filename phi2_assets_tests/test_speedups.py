@@ -12,15 +12,17 @@ import torch
 from transformers import AutoModelForCausalLM, TrainerCallback
 from transformers.activations import NewGELUActivation
 from transformers.models.phi import modeling_phi
+from trl import SFTConfig
 
 from phi2_assets.ml import sources
 from phi2_assets.ml.generate import GenerationSettings, _generation_config, generate_summaries, stop_token_ids
-from phi2_assets.ml.speedups import filled_columns, fused_rotary, guards, tanh_gelu
+from phi2_assets.ml.speedups import filled_columns, fused_rotary, guards, tanh_gelu, trainer_class
 from phi2_assets.ml.speedups.batch_planning import cache_length, quickest_batches
 from phi2_assets.ml.speedups.filled_columns import FilledColumns
 from phi2_assets.ml.speedups.fused_rotary import FusedRotaryPhiAttention
 from phi2_assets.ml.speedups.lean_steps import cached_module_walks
 from phi2_assets.ml.speedups.shrinking_batch import greedy_shrinking
+from phi2_assets.ml.speedups.sorted_evaluation import LongestFirstSampler
 from phi2_assets.ml.speedups.static_decoding import greedy_static
 from phi2_assets.ml.tokenization import encode_prompts
 from phi2_assets.ml.train import TrainSettings, train_lora
@@ -159,6 +161,33 @@ def test_compiled_layers_learn_what_eager_layers_learn(tiny, tmp_path):
     assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-4)
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
     assert not model.get_input_embeddings()._forward_hooks
+
+
+def eval_batch_widths(trainer: type, model, tokenizer, rows, output_dir) -> list[int]:
+    """The padded width of each evaluation batch of 3 that `trainer` (a trainer class, length-grouped training)
+    forms."""
+    args = SFTConfig(output_dir=str(output_dir), per_device_eval_batch_size=3, max_length=None, report_to="none",
+                     train_sampling_strategy="group_by_length", use_cpu=True, disable_tqdm=True)
+    trainer = trainer(model=model, args=args, train_dataset=rows, eval_dataset=rows, processing_class=tokenizer)
+    return [batch["input_ids"].shape[1] for batch in trainer.get_eval_dataloader()]
+
+
+def test_sorted_evaluation_pads_least_and_gives_stock_trls_loss_when_one_batch_holds_every_row(tiny, tmp_path):
+    model, tokenizer, train, validation, _ = tiny
+    assert list(LongestFirstSampler([5, 9, 2, 9, 7])) == [1, 3, 4, 0, 2]
+    # the 8 held-out rows cut to 8 different lengths
+    varied = validation.select_columns(["input_ids", "labels"]).map(
+        lambda row, index: {key: row[key][:40 + 11 * index] for key in ("input_ids", "labels")}, with_indices=True)
+    lengths = sorted((len(ids) for ids in varied["input_ids"]), reverse=True)
+    sorted_widths = eval_batch_widths(trainer_class(True), model, tokenizer, varied, tmp_path / "sorted")
+    stock_widths = eval_batch_widths(trainer_class(False), model, tokenizer, varied, tmp_path / "stock")
+    assert sorted_widths == lengths[::3] and sum(sorted_widths) < sum(stock_widths)
+    settings = dataclasses.replace(FAST, group_by_length=True, eval_batch_size=len(validation))
+    fast = train_lora(model, tokenizer, train, validation, settings, tmp_path / "fast", tmp_path / "checkpoints")
+    stock = train_lora(model, tokenizer, train, validation, dataclasses.replace(settings, speedups=False),
+                       tmp_path / "stock-adapter", tmp_path / "checkpoints")
+    assert (fast.base_eval_loss, fast.eval_loss) == pytest.approx((stock.base_eval_loss, stock.eval_loss), rel=1e-4)
+    assert fast.evaluations == stock.evaluations == 2 and fast.evaluation_seconds > 0
 
 
 def test_cached_module_walks_still_switch_modes_and_clear_gradients():

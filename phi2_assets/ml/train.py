@@ -196,6 +196,8 @@ class AdapterArtifact:
     tokens_per_second: float
     train_seconds: float
     seconds_per_step: float
+    evaluation_seconds: float
+    evaluations: int
     peak_memory_mb: float
     peak_memory_kind: str
     adapter_bytes: int
@@ -395,6 +397,7 @@ class _TrainingRun:
     eval_loss: float
     mean_train_loss: float
     train_seconds: float
+    base_evaluation_seconds: float  # training starts a new log history, without the base model's evaluation
     trainable_parameters: int
     total_parameters: int
 
@@ -436,7 +439,8 @@ def _evaluate_train_evaluate(trainer: SFTTrainer, last_checkpoint: str | None, r
                              say: Callable[[str], None]) -> _TrainingRun:
     """The base model's eval loss (LoRA B starts at zero), training (resumed when a checkpoint exists), and the
     adapter's eval loss."""
-    base_eval_loss = trainer.evaluate()["eval_loss"]
+    base_evaluation = trainer.evaluate()
+    base_eval_loss = base_evaluation["eval_loss"]
     say(f"base model eval loss {base_eval_loss:.4f}")
     if last_checkpoint:
         say(f"resuming from {last_checkpoint}: same base model, settings and data as the interrupted run")
@@ -446,7 +450,7 @@ def _evaluate_train_evaluate(trainer: SFTTrainer, last_checkpoint: str | None, r
     outcome = trainer.train(resume_from_checkpoint=last_checkpoint)
     train_seconds = time.monotonic() - started
     return _TrainingRun(base_eval_loss, _final_eval_loss(trainer), outcome.training_loss, train_seconds,
-                        *_parameter_counts(trainer.model))
+                        base_evaluation["eval_runtime"], *_parameter_counts(trainer.model))
 
 
 def _artifact(model: PreTrainedModel, settings: TrainSettings, targets: tuple[str, ...], trainer: SFTTrainer,
@@ -455,8 +459,8 @@ def _artifact(model: PreTrainedModel, settings: TrainSettings, targets: tuple[st
     state, device = trainer.state, model.device.type
     resumed_step = int(Path(last_checkpoint).name.split("-")[-1]) if last_checkpoint else 0
     train_points = [(entry["step"], entry["loss"]) for entry in state.log_history if "loss" in entry]
-    eval_points = [(entry["step"], entry["eval_loss"]) for entry in state.log_history
-                   if "eval_loss" in entry and entry["step"] > 0]
+    evaluations = [entry for entry in state.log_history if "eval_runtime" in entry]
+    eval_points = [(entry["step"], entry["eval_loss"]) for entry in evaluations if entry["step"] > 0]
     session_tokens = state.num_input_tokens_seen - (progress.start[2] if progress.start else 0)
     return AdapterArtifact(
         path=str(output_dir),
@@ -476,6 +480,8 @@ def _artifact(model: PreTrainedModel, settings: TrainSettings, targets: tuple[st
         tokens_per_second=session_tokens / max(run.train_seconds, 1e-9),
         train_seconds=run.train_seconds,
         seconds_per_step=run.train_seconds / max(state.global_step - resumed_step, 1),
+        evaluation_seconds=run.base_evaluation_seconds + sum(entry["eval_runtime"] for entry in evaluations),
+        evaluations=1 + len(evaluations),
         peak_memory_mb=_peak_memory_mb(device),
         peak_memory_kind="CUDA allocated" if device == "cuda" else "process peak RSS",
         adapter_bytes=sum((output_dir / name).stat().st_size for name in ADAPTER_FILES),

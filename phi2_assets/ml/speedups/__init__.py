@@ -11,6 +11,7 @@ versions it was verified against (`guards`).
 | `tanh_gelu`               | both       | Phi's eight-op tanh GELU as one fused kernel                  |
 | `fused_rotary`            | both       | Phi's partial rotary embedding in one Triton kernel (CUDA)    |
 | `lean_steps`              | training   | less host work and no GPU waits between Trainer steps         |
+| `sorted_evaluation`       | training   | held-out rows evaluated in batches sorted by length           |
 | `labelled_positions_cpu`  | training   | TRL's LM head on labelled positions only, on CPU too          |
 | `right_padded_sdpa`       | training   | causal flash attention without the padding mask               |
 | `compiled_layers`         | training   | decoder layers as one torch.compile graph (`compile_layers`)  |
@@ -34,13 +35,17 @@ from phi2_assets.ml.speedups import (
     labelled_positions_cpu,
     lean_steps,
     right_padded_sdpa,
+    sorted_evaluation,
     tanh_gelu,
 )
 
 
 def trainer_class(enabled: bool) -> type[SFTTrainer]:
-    """The trainer a training stage runs: the lean-step subclass, or TRL's own."""
-    return lean_steps.LeanStepSFTTrainer if enabled and lean_steps.available() else SFTTrainer
+    """The trainer a training stage runs: the lean-step subclass evaluating in sorted batches, or TRL's own."""
+    if not enabled:
+        return SFTTrainer
+    trainer = lean_steps.LeanStepSFTTrainer if lean_steps.available() else SFTTrainer
+    return sorted_evaluation.with_sorted_evaluation(trainer) if sorted_evaluation.available() else trainer
 
 
 @contextlib.contextmanager
