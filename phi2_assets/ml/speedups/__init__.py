@@ -19,6 +19,7 @@ versions it was verified against (`guards`).
 | `filled_columns`          | generation | decoding attends over each row's filled cache columns (CUDA)  |
 | `shrinking_batch`         | generation | greedy steps on the dynamic cache for unstopped rows only     |
 | `batch_planning`          | generation | batch split by a cost model within free memory (`batch_size: 0`) |
+| `quick_gguf`              | model      | the GGUF conversion read by struct, not by gguf's reader      |
 """
 
 from __future__ import annotations
