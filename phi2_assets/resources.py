@@ -85,6 +85,8 @@ class BaseModelResource(dg.ConfigurableResource):
     revision: str = PROFILE.model.revision
     load_in_4bit: bool = PROFILE.model.load_in_4bit
     cpu_dtype: str = PROFILE.model.cpu_dtype  # auto | float32 | bfloat16: the CPU's weights and compute
+    # false: the one-time GGUF conversion through transformers' own GGUF loading instead of the quick reader
+    speedups: bool = True
     hub_token: str | None = None
     cache_dir: str = str(data_dir() / "models")
 
@@ -95,7 +97,7 @@ class BaseModelResource(dg.ConfigurableResource):
         inside_data_dir(self.cache_dir, "BaseModelResource.cache_dir")
         self._spec = models.ModelSpec(
             source=self.source, name_or_path=self.name_or_path, revision=self.revision,
-            load_in_4bit=self.load_in_4bit, cpu_dtype=self.cpu_dtype, hub_token=self.hub_token,
+            load_in_4bit=self.load_in_4bit, cpu_dtype=self.cpu_dtype, speedups=self.speedups, hub_token=self.hub_token,
         )
 
     @property

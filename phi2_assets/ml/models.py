@@ -42,6 +42,7 @@ class ModelSpec:
     revision: str = "main"
     load_in_4bit: bool = True
     cpu_dtype: str = "auto"
+    speedups: bool = True  # the quick GGUF conversion (speedups/quick_gguf.py); false: transformers' GGUF loading
     hub_token: str | None = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,7 +103,7 @@ def local_rank() -> int:
 def resolve_model_dir(spec: ModelSpec, cache_dir: Path) -> str:
     """A path or hub id that `from_pretrained` can load, building the GGUF conversion or tiny model once."""
     if spec.source == "gguf":
-        return str(ensure_gguf_conversion(Path(cache_dir)))
+        return str(ensure_gguf_conversion(Path(cache_dir), quick=spec.speedups))
     if spec.source == "tiny":
         return str(ensure_tiny_phi(Path(cache_dir)))
     if spec.source == "local" and not Path(spec.name_or_path).is_dir():

@@ -6,8 +6,9 @@ reads the metadata and tensor table with `struct` over a memory map instead, the
 the tensors with transformers' own GGUF maps (`GGUF_CONFIG_MAPPING`, `TENSOR_PROCESSORS`,
 `get_gguf_hf_weights_map`) and gguf's dequantizer, as transformers' loading does: the same config and weights.
 When it pays: the one-time conversion of the offline profile's Gemma-3-270M GGUF to safetensors.
-Knob: `models.ensure_gguf_conversion(quick=...)`; it reads transformers' private GGUF maps, so it runs only on the
-verified transformers release, and elsewhere the conversion loads the file through transformers as shipped.
+Knob: `speedups` of the `base_model` resource (`ModelSpec.speedups`, `models.ensure_gguf_conversion(quick=...)`),
+read when the conversion is made; it reads transformers' private GGUF maps, so it runs only on the verified
+transformers release, and elsewhere the conversion loads the file through transformers as shipped.
 """
 
 from __future__ import annotations
