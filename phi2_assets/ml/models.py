@@ -148,7 +148,7 @@ def ensure_gguf_conversion(cache_dir: Path, quick: bool = True) -> Path:
     """Convert the packaged Gemma GGUF to safetensors once, then reuse it.
 
     `quick` reads it through the `quick_gguf` speed-up where that is verified; otherwise transformers' own GGUF
-    loading reads it (the same config and weights, minutes slower) and the weights move into a model built from that
+    loading reads it (the same config and weights, slower) and the weights move into a model built from that
     config without its quantization entry, since transformers refuses `save_pretrained` on a GGUF-loaded model.
     """
     target = cache_dir / GGUF_MODEL_DIR
