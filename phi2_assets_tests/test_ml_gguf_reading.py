@@ -12,6 +12,18 @@ from phi2_assets.ml import gguf_reading, models
 from phi2_assets.ml.speedups import quick_gguf
 
 
+def write_tensors(writer: GGUFWriter, matrices: dict[str, np.ndarray], vectors: dict[str, np.ndarray]) -> None:
+    """Matrices as Q8_0 and vectors as fp32, then the whole file."""
+    for name, matrix in matrices.items():
+        writer.add_tensor(name, quantize(matrix, GGMLQuantizationType.Q8_0), raw_dtype=GGMLQuantizationType.Q8_0)
+    for name, vector in vectors.items():
+        writer.add_tensor(name, vector)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 @pytest.fixture()
 def small_gguf(tmp_path: Path) -> Path:
     """A GGUF with a vocabulary array, scalars, a quantized matrix and an fp32 norm."""
@@ -21,14 +33,8 @@ def small_gguf(tmp_path: Path) -> Path:
     writer.add_token_list([f"token{i}" for i in range(300)])
     writer.add_layer_norm_rms_eps(1e-6)
     rng = np.random.default_rng(0)
-    matrix = rng.standard_normal((8, 64)).astype(np.float32)
-    writer.add_tensor("blk.0.attn_q.weight", quantize(matrix, GGMLQuantizationType.Q8_0),
-                      raw_dtype=GGMLQuantizationType.Q8_0)
-    writer.add_tensor("blk.0.attn_norm.weight", rng.standard_normal(64).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors(writer, {"blk.0.attn_q.weight": rng.standard_normal((8, 64)).astype(np.float32)},
+                  {"blk.0.attn_norm.weight": rng.standard_normal(64).astype(np.float32)})
     return path
 
 
@@ -86,16 +92,10 @@ def write_tiny_gemma3(path: Path, layers: int = 2, hidden: int = 64, ffn: int = 
         vectors.update({f"blk.{block}.{norm}": hidden
                         for norm in ("attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm")})
         vectors.update({f"blk.{block}.attn_q_norm": head_dim, f"blk.{block}.attn_k_norm": head_dim})
-    for name, shape in matrices.items():
-        matrix = (0.05 * rng.standard_normal(shape)).astype(np.float32)
-        writer.add_tensor(f"{name}.weight", quantize(matrix, GGMLQuantizationType.Q8_0),
-                          raw_dtype=GGMLQuantizationType.Q8_0)
-    for name, size in vectors.items():
-        writer.add_tensor(f"{name}.weight", rng.standard_normal(size).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_tensors(writer,
+                  {f"{name}.weight": (0.05 * rng.standard_normal(shape)).astype(np.float32)
+                   for name, shape in matrices.items()},
+                  {f"{name}.weight": rng.standard_normal(size).astype(np.float32) for name, size in vectors.items()})
     return path
 
 
