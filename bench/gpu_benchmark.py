@@ -72,7 +72,7 @@ STEPS = 16  # optimizer steps per recipe, 16 sequences each (8 left identical re
 EFFECTIVE_BATCH = 16
 LEAN_CARD_GIB = 15.0  # what a 16 GB card (T4) leaves to PyTorch's allocator
 SEQUENTIAL_ARTICLES, UNMERGED_ARTICLES, MERGED_ARTICLES = 3, 256, 500
-EVALUATION_ROWS = 500  # the phi2 profile's validation rows, evaluated before and after each recipe's training
+EVALUATION_ROWS = 500  # held-out rows the evaluation phases time, as many as the phi2 profile's validation rows
 PROGRESS = re.compile(r"step (\d+)/(\d+)\s+loss ([\d.]+).*?([\d,]+) tokens/s")
 
 LOGGED_EVERY = 4  # steps between progress lines: each reads the token count, a wait for the GPU (the profile: 10)

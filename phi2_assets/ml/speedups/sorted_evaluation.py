@@ -9,8 +9,8 @@ When it pays: wherever evaluation batches are large against the held-out set (th
 nine times), and most on a GPU, where a batch of 64 then costs little more than its tokens.
 Knob: `speedups` of the training stage. It overrides Trainer's private `_get_eval_sampler`, so it runs only on the
 verified transformers release, in one process (a launched run keeps the stock sampler, which Accelerate shards).
-The eval loss is the mean of per-batch losses, as Trainer reports it; other batches give it another rounding of
-the same mean, identical when one batch holds every row.
+Trainer's eval loss is a mean of per-batch losses, so other batches weigh the rows' tokens slightly differently;
+with one batch holding every row it is the stock trainer's.
 """
 
 from __future__ import annotations
