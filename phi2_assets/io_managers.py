@@ -68,4 +68,12 @@ def _load_record(path: Path) -> object:
     data = json.loads(path.read_text())
     module_name, qualname = data.pop(RECORD_TYPE_FIELD).split(":")
     record_type = getattr(importlib.import_module(module_name), qualname)
+    fields = [field for field in dataclasses.fields(record_type) if field.init]
+    required = {field.name for field in fields
+                if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING}
+    missing, unknown = sorted(required - data.keys()), sorted(data.keys() - {field.name for field in fields})
+    if missing or unknown:
+        raise ValueError(f"{path}: the stored {qualname} comes from another version of the code (missing fields: "
+                         f"{', '.join(missing) or 'none'}; unknown fields: {', '.join(unknown) or 'none'}); "
+                         "materialize its asset again")
     return record_type(**data)

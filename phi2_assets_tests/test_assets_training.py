@@ -1,6 +1,7 @@
 """`lora_adapter` materialized for real on the tiny profile, with its checks."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,22 @@ def test_impossible_settings_fail_before_training(materialize):
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
     assert "lora_r must be at least 1" in str(failure.event_specific_data.error)
+
+
+def test_a_record_stored_by_another_version_fails_downstream_naming_the_file_and_the_fields(materialize):
+    assert materialize("lora_adapter").success and materialize("evaluation_xsum").success
+    stored = data_dir() / "assets" / "lora_adapter.json"
+    original = stored.read_text()
+    record = json.loads(original)
+    del record["evaluation_seconds"]
+    record["retired_figure"] = 1.0
+    stored.write_text(json.dumps(record))
+    try:
+        result = materialize("finetuned_summaries", raise_on_error=False)
+    finally:
+        stored.write_text(original)
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    message = str(failure.event_specific_data.error)
+    assert str(stored) in message and "missing fields: evaluation_seconds" in message
+    assert "unknown fields: retired_figure" in message and "materialize its asset again" in message
