@@ -22,20 +22,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from phi2_assets.ml import gguf_reading
 from phi2_assets.ml.speedups import guards
 
+try:
+    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
+    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
+except ImportError:  # a release without these maps: `available()` turns the speed-up off
+    GGUF_CONFIG_MAPPING = TENSOR_PROCESSORS = TensorProcessor = get_gguf_hf_weights_map = None
+
 
 def available() -> bool:
-    if not guards.requires("quick_gguf", transformers=guards.TRANSFORMERS):
-        return False
-    try:
-        from transformers.integrations.ggml import GGUF_CONFIG_MAPPING  # noqa: F401
-        from transformers.modeling_gguf_pytorch_utils import (  # noqa: F401
-            TENSOR_PROCESSORS,
-            TensorProcessor,
-            get_gguf_hf_weights_map,
-        )
-    except ImportError:
-        return False
-    return True
+    return guards.requires("quick_gguf", transformers=guards.TRANSFORMERS) and GGUF_CONFIG_MAPPING is not None
 
 
 def load_model(gguf_path: Path) -> PreTrainedModel:
@@ -51,8 +46,6 @@ def load_model(gguf_path: Path) -> PreTrainedModel:
 def gguf_config(metadata: dict, tensor_names: tuple[str, ...]) -> dict:
     """The config dict transformers' GGUF loading derives from a file's metadata (`load_gguf_checkpoint`), for an
     architecture it keeps the name of (Gemma 3's text model)."""
-    from transformers.integrations.ggml import GGUF_CONFIG_MAPPING
-
     architecture = metadata["general.architecture"]
     config: dict = {"tie_word_embeddings": "output.weight" not in tensor_names}
     for key, value in metadata.items():
@@ -70,8 +63,6 @@ def gguf_config(metadata: dict, tensor_names: tuple[str, ...]) -> dict:
 def gguf_state_dict(contents: gguf_reading.GgufContents, model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """Every tensor of the GGUF in fp32, named and adjusted the way transformers' GGUF loading does (its
     tensor-name map and per-architecture processor: Gemma's norms are stored plus 1)."""
-    from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
-
     architecture = contents.metadata["general.architecture"]
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=model.config.to_dict())
     names = get_gguf_hf_weights_map(model, processor)
