@@ -32,7 +32,10 @@ def _rotate(source, target, batch, position, positions, heads, stride_batch, str
     tl.store(target + ((batch * heads + head) * positions + position) * HEAD_DIM + dim, out, mask=inside)
 
 
-@triton.jit
+# Triton compiles a variant per integer argument that is 1 or a multiple of 16; the position count is 1 in decoding
+# steps and anything in prefill chunks, and each variant costs a compile in a machine's first generation. (The
+# strides keep their variants: a multiple of 16 lets loads be vectorised.)
+@triton.jit(do_not_specialize=["positions"])
 def _rotary_kernel(query, key, query_out, key_out, cos, sin, positions, heads,
                    q_stride_batch, q_stride_head, q_stride_position, k_stride_batch, k_stride_head, k_stride_position,
                    cs_stride_batch, cs_stride_position,
