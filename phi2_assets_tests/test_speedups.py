@@ -237,21 +237,40 @@ def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives_how
 
 def test_filled_columns_name_the_columns_the_decoding_mask_lets_each_row_attend_to():
     lengths, columns, cache_columns, steps = torch.tensor([3, 5, 1]), 5, 8, 2
-    filled = FilledColumns.after_prompts(lengths, columns, cache_columns)
+    filled = FilledColumns.after_prompts(lengths, columns)
     for _ in range(steps):
         filled.advance()
     # the decoding mask after `steps` steps: each right-aligned prompt, then the columns written since
     mask = torch.zeros(len(lengths), cache_columns, dtype=torch.bool)
     for row, length in enumerate(lengths.tolist()):
         mask[row, columns - length:columns + steps] = True
-    runs = torch.zeros_like(mask).flatten()
-    for start, used in zip(filled.key_starts[:-1].tolist(), filled.used.tolist(), strict=True):
-        runs[start:start + used] = True
-    assert torch.equal(runs.view_as(mask), mask)
-    assert filled.query_starts.tolist() == [0, 1, 2, 3] and filled.key_starts[-1] == len(lengths) * cache_columns
+    runs = torch.zeros_like(mask)
+    for row, (start, used) in enumerate(zip(filled.starts.tolist(), filled.used.tolist(), strict=True)):
+        runs[row, start:start + used] = True
+    assert torch.equal(runs, mask)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the variable-length flash kernel runs on CUDA")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the split-KV Triton kernel runs on CUDA")
+@pytest.mark.parametrize("head_dim", [80, 32])  # Phi-2's, which is no power of two, and the tiny model's
+def test_the_split_kv_kernel_attends_as_softmax_over_each_rows_filled_columns_does(head_dim):
+    from phi2_assets.ml.speedups.decode_attention_kernel import attend_filled_columns
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    rows, heads, columns = 5, 4, 700  # more columns than one split holds, so splits are combined
+    query, keys, values = (torch.randn(rows, heads, width, head_dim, device="cuda", generator=generator,
+                                       dtype=torch.bfloat16) for width in (1, columns, columns))
+    # a row of one column, rows ending inside a split and at a split's edge, and the whole cache
+    starts = torch.tensor([699, 650, 300, 1, 0], device="cuda", dtype=torch.int32)
+    used = torch.tensor([1, 30, 256, 699, 700], device="cuda", dtype=torch.int32)
+    ours = attend_filled_columns(query, keys, values, starts, used, head_dim ** -0.5)
+    positions = torch.arange(columns, device="cuda")
+    mask = (positions >= starts[:, None]) & (positions < (starts + used)[:, None])
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        query.float(), keys.float(), values.float(), attn_mask=mask[:, None, None, :]).transpose(1, 2)
+    torch.testing.assert_close(ours.float(), reference, atol=1e-2, rtol=1e-2)  # bf16 output rounding
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the split-KV Triton kernel runs on CUDA")
 def test_decoding_over_filled_columns_gives_the_tokens_of_masked_decoding_on_cuda(tiny):
     model, tokenizer, _, _, articles = tiny
     model = copy.deepcopy(model).to("cuda", torch.bfloat16).eval()

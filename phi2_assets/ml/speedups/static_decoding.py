@@ -81,7 +81,7 @@ def _decode(model, first_ids: torch.Tensor, attention_mask: torch.Tensor, length
     # a prepared 4D mask reaches attention as it is: the prompt's padding, then each new column as it is written
     step_mask = torch.zeros(rows, 1, 1, cache_length, dtype=torch.bool, device=first_ids.device)
     step_mask[:, 0, 0, :columns] = attention_mask.bool()
-    filled = (filled_columns.FilledColumns.after_prompts(lengths, columns, cache_length)
+    filled = (filled_columns.FilledColumns.after_prompts(lengths, columns)
               if attend_filled else None)
     attending = {"filled_columns": filled} if filled is not None else {}
 
@@ -148,21 +148,10 @@ class _RightAligningWriter(DynamicCache):
         if not self.target.layers[layer_idx].is_initialized:
             self.target.early_initialization(self.batch_rows, key_states.shape[1], key_states.shape[-1],
                                              key_states.dtype, key_states.device)
-            _lay_out_token_major(self.target)
         layer, index = self.target.layers[layer_idx], self.source.expand_as(key_states)
         torch.gather(key_states, 2, index, out=layer.keys[self.rows, :, self.window])
         torch.gather(value_states, 2, index, out=layer.values[self.rows, :, self.window])
         return key_states, value_states
-
-
-def _lay_out_token_major(cache: StaticCache) -> None:
-    """Every layer's keys and values as (rows, positions, heads, head dim) in memory, seen through the same
-    (rows, heads, positions, head dim) shape: each row's positions are then one flat run of tokens, as the
-    variable-length attention kernel reads them."""
-    for layer in cache.layers:
-        rows, heads, positions, head_dim = layer.keys.shape
-        layer.keys = layer.keys.new_zeros(rows, positions, heads, head_dim).transpose(1, 2)
-        layer.values = layer.values.new_zeros(rows, positions, heads, layer.values.shape[-1]).transpose(1, 2)
 
 
 def _row_chunks(lengths: Sequence[int], chunk_tokens: int) -> list[tuple[int, int]]:
