@@ -114,9 +114,9 @@ def test_tanh_gelu_computes_what_phis_activation_computes_and_comes_back(tiny):
 def test_fused_rotary_attention_computes_what_transformers_phi_does_and_comes_back(tiny):
     model, tokenizer, _, _, articles = tiny
     stock = AutoModelForCausalLM.from_pretrained(model.name_or_path, dtype=model.dtype,
-                                                 attn_implementation="sdpa").eval()
+                                                 attn_implementation="sdpa").to(model.device).eval()
     assert fused_rotary.library_forward_matches(), "the copied PhiAttention.forward is the installed release's"
-    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64)
+    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64).to(model.device)
     with torch.no_grad(), fused_rotary.applied(model):
         assert all(type(layer.self_attn) is FusedRotaryPhiAttention for layer in model.model.layers)
         assert torch.equal(model(**batch).logits, stock(**batch).logits)
@@ -218,7 +218,7 @@ def test_static_greedy_decoding_gives_the_tokens_transformers_generate_gives_how
     stops = stop_token_ids(tokenizer, model)
     # prompts of 178 to 500 tokens: chunks pad to different widths
     prompts = sorted(encode_prompts(tokenizer, "seed", articles, 500), key=len)
-    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt")
+    padded = tokenizer.pad({"input_ids": prompts}, padding_side="left", return_tensors="pt").to(model.device)
     config = _generation_config(SETTINGS, stops, tokenizer.pad_token_id)  # greedy, 12 new tokens, at least 1
     columns = padded["input_ids"].shape[1]
     with torch.inference_mode():

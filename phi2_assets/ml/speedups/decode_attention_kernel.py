@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 BLOCK_COLUMNS = 32  # keys per block: one warp reads a block of 32 x head dim in one go
-COLUMNS_PER_SPLIT = 128  # enough blocks per program to hide a load's latency behind the previous block's sums
+COLUMNS_PER_SPLIT = 256  # eight blocks a program: loads enough in flight per program to hide their latency
 
 
 @triton.jit(do_not_specialize=["cache_length", "span"])
