@@ -17,6 +17,7 @@ versions it was verified against (`guards`).
 | `compiled_layers`         | training   | decoder layers as one torch.compile graph (`compile_layers`)  |
 | `static_decoding`         | generation | static KV cache, chunked prefill, CUDA-graphed greedy steps   |
 | `filled_columns`          | generation | decoding attends over each row's filled cache columns (CUDA)  |
+| `decode_attention_kernel` | generation | the split-KV Triton kernel behind `filled_columns`            |
 | `shrinking_batch`         | generation | greedy steps on the dynamic cache for unstopped rows only     |
 | `batch_planning`          | generation | batch split by a cost model within free memory (`batch_size: 0`) |
 | `quick_gguf`              | model      | the GGUF conversion read by struct, not by gguf's reader      |
