@@ -63,7 +63,7 @@ def _ways(query, keys, values, starts, used):
             flat_query, token_keys, token_values, base, key_starts, 1, cache_columns, 0.0, False, False,
             scale=HEAD_DIM ** -0.5, seqused_k=used)[0].view(rows, 1, HEADS, HEAD_DIM).transpose(1, 2),
     }
-    for width in (64, 128, 256, 512):
+    for width in (128, 256, 512, 1024):
         ways[f"split_kv/{width}"] = (lambda width=width: attend_filled_columns(
             query, keys, values, starts, used, HEAD_DIM ** -0.5, columns_per_split=width).transpose(1, 2))
     return ways, mask

@@ -250,18 +250,24 @@ def test_filled_columns_name_the_columns_the_decoding_mask_lets_each_row_attend_
     assert torch.equal(runs, mask)
 
 
+def test_the_split_kv_kernel_reads_head_dims_of_one_or_two_powers_of_two():
+    assert [filled_columns.head_dim_parts(d) for d in (32, 64, 80, 96, 128)] == [
+        (32, 0), (64, 0), (64, 16), (64, 32), (128, 0)]
+    assert filled_columns.head_dim_parts(112) is None  # 64 + 48
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the split-KV Triton kernel runs on CUDA")
-@pytest.mark.parametrize("head_dim", [80, 32])  # Phi-2's, which is no power of two, and the tiny model's
+@pytest.mark.parametrize("head_dim", [80, 32])  # Phi-2's, read as 64 + 16, and the tiny model's
 def test_the_split_kv_kernel_attends_as_softmax_over_each_rows_filled_columns_does(head_dim):
     from phi2_assets.ml.speedups.decode_attention_kernel import attend_filled_columns
 
     generator = torch.Generator("cuda").manual_seed(0)
-    rows, heads, columns = 5, 4, 700  # more columns than one split holds, so splits are combined
+    rows, heads, columns = 5, 4, 1100  # more columns than one split holds, so splits are combined
     query, keys, values = (torch.randn(rows, heads, width, head_dim, device="cuda", generator=generator,
                                        dtype=torch.bfloat16) for width in (1, columns, columns))
     # a row of one column, rows ending inside a split and at a split's edge, and the whole cache
-    starts = torch.tensor([699, 650, 300, 1, 0], device="cuda", dtype=torch.int32)
-    used = torch.tensor([1, 30, 256, 699, 700], device="cuda", dtype=torch.int32)
+    starts = torch.tensor([1099, 1050, 300, 1, 0], device="cuda", dtype=torch.int32)
+    used = torch.tensor([1, 30, 512, 1099, 1100], device="cuda", dtype=torch.int32)
     ours = attend_filled_columns(query, keys, values, starts, used, head_dim ** -0.5)
     positions = torch.arange(columns, device="cuda")
     mask = (positions >= starts[:, None]) & (positions < (starts + used)[:, None])

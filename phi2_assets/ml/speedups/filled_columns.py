@@ -63,14 +63,26 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     return attend_filled_columns(query, key, value, filled_columns.starts, filled_columns.used, scale), None
 
 
+def head_dim_parts(head_dim: int) -> tuple[int, int] | None:
+    """(low, high): the head dim as a power of two and a smaller power of two or 0; None where it is neither."""
+    low = 1 << (head_dim.bit_length() - 1)
+    high = head_dim - low
+    return (low, high) if high & (high - 1) == 0 else None
+
+
 AttentionInterface.register(FILLED_COLUMNS_SDPA, _attention)
 AttentionMaskInterface.register(FILLED_COLUMNS_SDPA, sdpa_mask)
 
 
 def available(model: PreTrainedModel) -> bool:
-    """CUDA with Triton, a half-precision model on SDPA, and the verified torch and transformers."""
-    return (model.device.type == "cuda" and model.dtype in _HALF_PRECISION and _HAS_TRITON
-            and model.config._attn_implementation == "sdpa"
+    """CUDA with Triton, a half-precision model on SDPA whose head dim the kernel reads (a power of two, or one plus
+    a smaller one), and the verified torch and transformers."""
+    if not (model.device.type == "cuda" and model.dtype in _HALF_PRECISION and _HAS_TRITON
+            and model.config._attn_implementation == "sdpa"):
+        return False
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return (head_dim_parts(head_dim) is not None
             and guards.requires("filled_columns", torch=guards.TORCH, transformers=guards.TRANSFORMERS))
 
 
