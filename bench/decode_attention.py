@@ -20,21 +20,10 @@ import json
 
 import torch
 
+from bench import gpu_metrics
 from phi2_assets.ml.speedups.decode_attention_kernel import attend_filled_columns
 
 HEADS, HEAD_DIM, NEW_TOKENS, STEP = 32, 80, 60, 30
-
-
-def _timed_us(call, repeats: int = 50) -> float:
-    for _ in range(5):
-        call()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        call()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / repeats
 
 
 def _batch(rows: int, longest: int, generator: torch.Generator):
@@ -83,7 +72,7 @@ def main() -> None:
                                                                      attn_mask=mask)
         filled_bytes = 2 * int(used.sum()) * HEADS * HEAD_DIM * keys.element_size()
         for name, call in ways.items():
-            microseconds = _timed_us(call)
+            microseconds = gpu_metrics.cuda_milliseconds(call, repeats=50, warm_ups=5) * 1000
             difference = float((call().float() - reference).abs().max())
             results.append({"batch": spec, "way": name, "us": round(microseconds, 1),
                             "filled_tb_s": round(filled_bytes / microseconds / 1e6, 3),

@@ -46,6 +46,19 @@ def mfu(flops: float, seconds: float, peak: float = PEAK_BF16_FLOPS) -> float:
     return flops / seconds / peak
 
 
+def cuda_milliseconds(fn, repeats: int = 20, warm_ups: int = 1) -> float:
+    """Mean GPU time of one call of `fn`, by CUDA events around `repeats` calls after `warm_ups` untimed ones."""
+    for _ in range(warm_ups):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
 def measure_peak_bf16(size: int = 8_192, repeats: int = 10) -> float:
     a, b = (torch.randn(size, size, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     for _ in range(3):

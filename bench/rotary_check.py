@@ -32,17 +32,6 @@ def views(rows: int, positions: int) -> tuple[torch.Tensor, torch.Tensor, torch.
     return projected(), projected(), angles.cos().bfloat16(), angles.sin().bfloat16()
 
 
-def milliseconds(fn, repeats: int = 20) -> float:
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     gpu_metrics.add_common_arguments(parser)
@@ -54,8 +43,8 @@ def main() -> None:
         fused, reference = rotate(query, key, cos, sin, ROTARY), rotary.rotate_eagerly(query, key, cos, sin, ROTARY)
         report["equal"][f"{rows}x{positions}"] = all(torch.equal(a, b) for a, b in zip(fused, reference, strict=True))
     query, key, cos, sin = views(16, 1024)
-    fused_ms = milliseconds(lambda: rotate(query, key, cos, sin, ROTARY))
-    eager_ms = milliseconds(lambda: rotary.rotate_eagerly(query, key, cos, sin, ROTARY))
+    fused_ms = gpu_metrics.cuda_milliseconds(lambda: rotate(query, key, cos, sin, ROTARY))
+    eager_ms = gpu_metrics.cuda_milliseconds(lambda: rotary.rotate_eagerly(query, key, cos, sin, ROTARY))
     report["prefill_chunk_ms"] = {"fused": round(fused_ms, 3), "eager": round(eager_ms, 3)}
     print(json.dumps(report), flush=True)
     args.output_dir.mkdir(parents=True, exist_ok=True)
