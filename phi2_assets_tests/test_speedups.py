@@ -265,7 +265,7 @@ def test_the_split_kv_kernel_attends_as_softmax_over_each_rows_filled_columns_do
     rows, heads, columns = 5, 4, 1100  # more columns than one split holds, so splits are combined
     query, keys, values = (torch.randn(rows, heads, width, head_dim, device="cuda", generator=generator,
                                        dtype=torch.bfloat16) for width in (1, columns, columns))
-    # a row of one column, rows ending inside a split and at a split's edge, and the whole cache
+    # a row of one column, a row inside one split, rows across split edges, and the whole cache
     starts = torch.tensor([1099, 1050, 300, 1, 0], device="cuda", dtype=torch.int32)
     used = torch.tensor([1, 30, 512, 1099, 1100], device="cuda", dtype=torch.int32)
     ours = attend_filled_columns(query, keys, values, starts, used, head_dim ** -0.5)

@@ -35,12 +35,16 @@ def cache_length(prompt_columns: int, max_new_tokens: int) -> int:
     return -(-(prompt_columns + max_new_tokens) // STATIC_CACHE_ROUNDING) * STATIC_CACHE_ROUNDING
 
 
+def attention_head_dim(config) -> int:
+    """The size of one attention head, as transformers' attention modules take it from the model's config."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def kv_bytes_per_token(model: PreTrainedModel) -> int:
     """K and V of every layer for one token, in bf16."""
     config = model.config.get_text_config()
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * config.num_hidden_layers * heads * head_dim * (torch.finfo(torch.bfloat16).bits // 8)
+    return 2 * config.num_hidden_layers * heads * attention_head_dim(config) * (torch.finfo(torch.bfloat16).bits // 8)
 
 
 def bytes_per_token(model: PreTrainedModel, num_beams: int) -> int:

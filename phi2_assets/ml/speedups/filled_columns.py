@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from phi2_assets.ml.speedups import guards
+from phi2_assets.ml.speedups.batch_planning import attention_head_dim
 
 FILLED_COLUMNS_SDPA = "sdpa_filled_columns"
 _HALF_PRECISION = (torch.bfloat16, torch.float16)  # the dtypes the kernel is checked in
@@ -80,9 +81,7 @@ def available(model: PreTrainedModel) -> bool:
     if not (model.device.type == "cuda" and model.dtype in _HALF_PRECISION and _HAS_TRITON
             and model.config._attn_implementation == "sdpa"):
         return False
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return (head_dim_parts(head_dim) is not None
+    return (head_dim_parts(attention_head_dim(model.config)) is not None
             and guards.requires("filled_columns", torch=guards.TORCH, transformers=guards.TRANSFORMERS))
 
 
