@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from phi2_assets.ml import models, sources
-from phi2_assets.ml.generate import GenerationSettings, generate_summaries, load_merged_bf16, stop_token_ids
+from phi2_assets.ml.generate import (
+    GenerationSettings,
+    generate_summaries,
+    left_padded,
+    load_merged_bf16,
+    stop_token_ids,
+)
 from phi2_assets.ml.models import adapted
 from phi2_assets_tests.conftest import tiny_phi
 
@@ -65,6 +71,15 @@ def test_left_padded_batches_equal_one_at_a_time_and_static_cache(tiny):
                                 dataclasses.replace(SETTINGS, batch_size=1, sort_by_length=False))
     static = generate_summaries(model, tokenizer, articles, dataclasses.replace(SETTINGS, cache="static"))
     assert texts(batched) == texts(single) == texts(static)
+
+
+def test_left_padding_is_the_tokenizers_left_padding(tiny):
+    _, _, _, tokenizer, _ = tiny
+    prompts = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
+    ours = left_padded(prompts, tokenizer.pad_token_id, torch.device("cpu"))
+    theirs = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left", return_tensors="pt")
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    assert torch.equal(ours["attention_mask"], theirs["attention_mask"])
 
 
 def test_stop_tokens_hold_eos_and_every_newline_token(tiny):

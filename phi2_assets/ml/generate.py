@@ -8,11 +8,13 @@ article yields one `GenerationRecord` with a status: `ok`, `empty` (nothing befo
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
@@ -183,11 +185,21 @@ def _first_line(text: str) -> str:
     return text.split("\n", 1)[0].strip()
 
 
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """`input_ids` and `attention_mask` of prompts padded on the left with `pad_id`, so that every prompt ends where
+    generation starts (what `tokenizer.pad(..., padding_side="left")` gives, built in one array)."""
+    lengths = np.fromiter(map(len, prompts), dtype=np.int64, count=len(prompts))
+    columns = int(lengths.max(initial=0))
+    mask = np.arange(columns) >= (columns - lengths)[:, None]
+    ids = np.full(mask.shape, pad_id, dtype=np.int64)
+    ids[mask] = np.fromiter(itertools.chain.from_iterable(prompts), dtype=np.int64, count=int(lengths.sum()))
+    return {"input_ids": torch.from_numpy(ids).to(device),
+            "attention_mask": torch.from_numpy(mask.astype(np.int64)).to(device)}
+
+
 def _generate_batch(model, tokenizer, prompts: list[list[int]], config: GenerationConfig, stop_ids: list[int],
                     settings: GenerationSettings) -> list[GenerationRecord]:
-    # left padding for batched decoding: every prompt ends where generation starts
-    padded = tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left",
-                           return_tensors="pt").to(model.device)
+    padded = left_padded(prompts, tokenizer.pad_token_id, model.device)
     columns = padded["input_ids"].shape[1]
     if _decodes_statically(settings):
         cache_length = batch_planning.cache_length(columns, config.max_new_tokens)
