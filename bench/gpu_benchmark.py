@@ -53,7 +53,14 @@ from bench.phi2_shape import (
     synthetic_tokenized_xsum,
 )
 from phi2_assets.ml import generate, models
-from phi2_assets.ml.speedups import filled_columns, sorted_evaluation, static_decoding
+from phi2_assets.ml.speedups import (
+    decoded_nf4,
+    filled_columns,
+    fused_qkv,
+    lean_lora,
+    sorted_evaluation,
+    static_decoding,
+)
 from phi2_assets.ml.train import (
     TrainSettings,
     expected_trainable_parameters,
@@ -100,6 +107,12 @@ RECIPES: dict[str, TrainSettings] = {
 }
 # the profile's batch and layout on TRL and transformers as shipped
 RECIPES["stock"] = dataclasses.replace(BEST, speedups=False)
+# the profile's recipe with one training speed-up turned off: (module, attribute, replacement)
+PATCHED_RECIPES = {
+    "best_without_decoded_nf4": (decoded_nf4, "available", lambda: False),
+    "best_without_lean_lora": (lean_lora, "available", lambda: False),
+}
+RECIPES.update({name: BEST for name in PATCHED_RECIPES})
 # the 4-bit + LoRA path's generation: the profile's settings on the unmerged model (transformers' generate)
 UNMERGED_GENERATION = dataclasses.replace(PROFILES["phi2"].generation, merged_bf16=False, cache="dynamic")
 # SDPA kernels other than cuDNN's (which plans each new shape on the host), for generation trials
@@ -120,6 +133,8 @@ GENERATION_VARIANTS["merged_bf16_stock"] = {"speedups": False, "cache": "dynamic
 PATCHED_GENERATION_VARIANTS = {
     # every decoding step attends under the batch's padding mask, over every cache column
     "merged_bf16_masked_decoding": (filled_columns, "available", lambda model: False),
+    # query, key and value projected by three matmuls, as transformers' PhiAttention does
+    "merged_bf16_separate_qkv": (fused_qkv, "applied", lambda model: contextlib.nullcontext()),
     # prefill in chunks of at most 32k or 64k padded tokens instead of 16k
     "merged_bf16_prefill_32k": (static_decoding, "PREFILL_CHUNK_TOKENS", 32_768),
     "merged_bf16_prefill_64k": (static_decoding, "PREFILL_CHUNK_TOKENS", 65_536),
@@ -444,9 +459,15 @@ def training_phases(inputs: Inputs, recipes: list[str]) -> None:
                                             inputs.evaluation.select(range(8)), warm_up, WORK / "adapter-warm-up",
                                             WORK / "checkpoints"))
     for name in recipes:
-        phase(f"train {name}", 150 if name == "seed" else 60, lambda name=name: train_recipe(
-            name, RECIPES[name], inputs.model, inputs.tokenizer, inputs.train, inputs.evaluation,
-            inputs.flops_per_token))
+        patch = (unittest.mock.patch.object(*PATCHED_RECIPES[name]) if name in PATCHED_RECIPES
+                 else contextlib.nullcontext())
+
+        def run(name=name, patch=patch):
+            with patch:
+                return train_recipe(name, RECIPES[name], inputs.model, inputs.tokenizer, inputs.train,
+                                    inputs.evaluation, inputs.flops_per_token)
+
+        phase(f"train {name}", 150 if name == "seed" else 60, run)
 
 
 def evaluation_phases(inputs: Inputs, batch_sizes: list[int]) -> None:

@@ -9,14 +9,24 @@ import unittest.mock
 import dagster as dg
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, TrainerCallback
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerCallback
 from transformers.activations import NewGELUActivation
 from transformers.models.phi import modeling_phi
 from trl import SFTConfig
 
 from phi2_assets.ml import sources
 from phi2_assets.ml.generate import GenerationSettings, _generation_config, generate_summaries, stop_token_ids
-from phi2_assets.ml.speedups import filled_columns, fused_rotary, guards, tanh_gelu, trainer_class
+from phi2_assets.ml.speedups import (
+    decoded_nf4,
+    filled_columns,
+    fused_qkv,
+    fused_rotary,
+    guards,
+    lean_lora,
+    tanh_gelu,
+    trainer_class,
+)
 from phi2_assets.ml.speedups.batch_planning import cache_length, quickest_batches
 from phi2_assets.ml.speedups.filled_columns import FilledColumns
 from phi2_assets.ml.speedups.fused_rotary import FusedRotaryPhiAttention
@@ -123,6 +133,20 @@ def test_fused_rotary_attention_computes_what_transformers_phi_does_and_comes_ba
     assert all(type(layer.self_attn) is modeling_phi.PhiAttention for layer in model.model.layers)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the projections are fused on CUDA")
+def test_fused_qkv_projects_what_three_projections_do_and_comes_back(tiny):
+    model, tokenizer, _, _, articles = tiny
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16).eval()
+    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64).to("cuda")
+    with torch.no_grad(), fused_rotary.applied(model):
+        separate = model(**batch).logits
+        with fused_qkv.applied(model):
+            assert all(hasattr(layer.self_attn, "qkv_weight") for layer in model.model.layers)
+            fused = model(**batch).logits
+    torch.testing.assert_close(fused, separate, atol=2e-2, rtol=2e-2)  # bf16: another matmul kernel may round apart
+    assert not any(hasattr(layer.self_attn, "qkv_weight") for layer in model.model.layers)
+
+
 def test_a_speedup_outside_its_verified_versions_turns_itself_off_with_one_warning(caplog):
     with caplog.at_level(logging.WARNING, logger=guards.__name__):
         assert not guards.requires("a_future_technique", transformers="<1")
@@ -161,6 +185,60 @@ def test_compiled_layers_learn_what_eager_layers_learn(tiny, tmp_path):
     assert compiled.eval_loss == pytest.approx(eager.eval_loss, rel=1e-4)
     assert all(layer._compiled_call_impl is None for layer in model.model.layers)
     assert not model.get_input_embeddings()._forward_hooks
+
+
+def lora_loss_and_gradients(peft_model, batch, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One training forward and backward of `peft_model` from `seed` (dropout draws the same masks): the loss and
+    every LoRA gradient."""
+    peft_model.train()
+    peft_model.zero_grad()
+    torch.manual_seed(seed)
+    loss = peft_model(**batch, labels=batch["input_ids"]).loss
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: fp32 adapters on a bf16 base
+def test_lean_lora_computes_peft_s_loss_and_gradients_bit_for_bit_and_comes_back(tiny, dtype):
+    model, tokenizer, _, _, articles = tiny
+    base = copy.deepcopy(model).to(dtype)
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=[
+        "q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"], task_type="CAUSAL_LM"))
+    for name, parameter in peft_model.named_parameters():  # B starts at zero; any B makes the adapters count
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64)
+    stock = lora_loss_and_gradients(peft_model, batch)
+    with lean_lora.applied(peft_model):
+        assert all(type(m) is lean_lora.LeanLoraLinear for m in peft_model.modules() if hasattr(m, "lora_A"))
+        lean = lora_loss_and_gradients(peft_model, batch)
+    assert torch.equal(lean[0], stock[0])
+    assert all(torch.equal(a, b) for a, b in zip(lean[1], stock[1], strict=True))
+    assert not any(type(m) is lean_lora.LeanLoraLinear for m in peft_model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' 4-bit layers run on CUDA")
+def test_decoded_nf4_weights_give_bitsandbytes_loss_and_gradients_bit_for_bit(tiny):
+    model, tokenizer, _, _, articles = tiny
+    quantized = AutoModelForCausalLM.from_pretrained(
+        model.name_or_path, dtype=torch.bfloat16, device_map={"": 0}, quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16))
+    peft_model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=[
+        "q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"], task_type="CAUSAL_LM"))
+    for name, parameter in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.02)
+    # 4 x 500 tokens: more rows than bitsandbytes' small-batch kernel takes, as in training
+    batch = tokenizer([" ".join(articles)] * 4, return_tensors="pt", truncation=True, max_length=500).to("cuda")
+    stock = lora_loss_and_gradients(peft_model, batch)
+    with decoded_nf4.applied(quantized, keeps_activations=True), lean_lora.applied(peft_model):
+        assert sum(type(m) is decoded_nf4.DecodedLinear4bit for m in quantized.modules()) == 6 * len(
+            quantized.model.layers)
+        decoded = lora_loss_and_gradients(peft_model, batch)
+    assert torch.equal(decoded[0], stock[0])
+    assert all(torch.equal(a, b) for a, b in zip(decoded[1], stock[1], strict=True))
+    assert not any(hasattr(m, "decoded_weight") for m in quantized.modules())
 
 
 def eval_batch_widths(trainer: type, model, tokenizer, rows, output_dir) -> list[int]:

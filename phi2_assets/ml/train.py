@@ -381,7 +381,8 @@ def train_lora(
             processing_class=tokenizer, callbacks=[progress, *callbacks],
         )
         trainer.remove_callback(PrinterCallback)  # it prints every log dict; ProgressCallback says it in one line
-        with speedups.for_training(model, peft_model, settings.speedups, settings.compile_layers):
+        with speedups.for_training(model, peft_model, settings.speedups, settings.compile_layers,
+                                   keeps_activations=not settings.gradient_checkpointing):
             run = _evaluate_train_evaluate(trainer, last_checkpoint, run_dir, say)
         with atomic_path(Path(output_dir)) as staging:
             peft_model.save_pretrained(str(staging), safe_serialization=True)

@@ -10,7 +10,10 @@ versions it was verified against (`guards`).
 |---------------------------|------------|---------------------------------------------------------------|
 | `tanh_gelu`               | both       | Phi's eight-op tanh GELU as one fused kernel                  |
 | `fused_rotary`            | both       | Phi's partial rotary embedding in one Triton kernel (CUDA)    |
+| `fused_qkv`               | generation | query, key and value projections as one matmul (CUDA)         |
 | `lean_steps`              | training   | less host work and no GPU waits between Trainer steps         |
+| `lean_lora`               | training   | PEFT's LoRA forward as plain tensor ops, no per-call Python   |
+| `decoded_nf4`             | training   | frozen 4-bit weights decoded to bf16 once, not every pass     |
 | `sorted_evaluation`       | training   | held-out rows evaluated in batches sorted by length           |
 | `labelled_positions_cpu`  | training   | TRL's LM head on labelled positions only, on CPU too          |
 | `right_padded_sdpa`       | training   | causal flash attention without the padding mask               |
@@ -33,8 +36,11 @@ from trl import SFTTrainer
 
 from phi2_assets.ml.speedups import (
     compiled_layers,
+    decoded_nf4,
+    fused_qkv,
     fused_rotary,
     labelled_positions_cpu,
+    lean_lora,
     lean_steps,
     right_padded_sdpa,
     sorted_evaluation,
@@ -51,16 +57,19 @@ def trainer_class(enabled: bool) -> type[SFTTrainer]:
 
 
 @contextlib.contextmanager
-def for_training(base: PreTrainedModel, peft_model: PreTrainedModel, enabled: bool,
-                 compile_layers: bool) -> Iterator[None]:
-    """While inside, training of `peft_model` (LoRA on `base`) runs with every training speed-up `enabled` asks for;
-    the shared base model comes back as it was."""
+def for_training(base: PreTrainedModel, peft_model: PreTrainedModel, enabled: bool, compile_layers: bool,
+                 keeps_activations: bool) -> Iterator[None]:
+    """While inside, training of `peft_model` (LoRA on `base`) runs with every training speed-up `enabled` asks for
+    (`keeps_activations`: the recipe does not checkpoint activations, so it has memory to spare); the shared base
+    model comes back as it was."""
     with contextlib.ExitStack() as stack:
         if enabled:
             stack.enter_context(tanh_gelu.applied(base))
             stack.enter_context(fused_rotary.applied(base))
             stack.enter_context(labelled_positions_cpu.applied())
             stack.enter_context(right_padded_sdpa.applied(base))
+            stack.enter_context(decoded_nf4.applied(base, keeps_activations))
+            stack.enter_context(lean_lora.applied(peft_model))
             if compile_layers:
                 stack.enter_context(compiled_layers.applied(base))
             if lean_steps.available():
@@ -76,4 +85,5 @@ def for_generation(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
         if enabled:
             stack.enter_context(tanh_gelu.applied(model))
             stack.enter_context(fused_rotary.applied(model))
+            stack.enter_context(fused_qkv.applied(model))  # after fused_rotary: it uses that attention's forward
         yield

@@ -60,9 +60,8 @@ class FusedRotaryPhiAttention(modeling_phi.PhiAttention):
                 attention_mask: torch.Tensor | None, cache=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states, key_states, value_states = (
+            states.view(hidden_shape).transpose(1, 2) for states in self._project(hidden_states))
         if self.qk_layernorm:
             query_states, key_states = self.q_layernorm(query_states), self.k_layernorm(key_states)
         query_states, key_states = rotate_queries_and_keys(
@@ -75,6 +74,14 @@ class FusedRotaryPhiAttention(modeling_phi.PhiAttention):
                                               dropout=0.0 if not self.training else self.attention_dropout,
                                               scaling=self.scaling, **kwargs)
         return self.dense(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
+
+
+    def _project(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query, key and value projections: one matmul where `fused_qkv` stacked their weights, else three."""
+        stacked = getattr(self, "qkv_weight", None)
+        if stacked is None:
+            return self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        return torch.nn.functional.linear(hidden_states, stacked, self.qkv_bias).split(self.qkv_sizes, -1)
 
 
 def library_forward_matches() -> bool:

@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 TRANSFORMERS = ">=5.24,<5.25"
 TRL = ">=1.16,<1.17"
 TORCH = ">=2.11,<2.14"
+PEFT = ">=0.21,<0.22"
+BITSANDBYTES = ">=0.50,<0.51"
 
 
 def installed_version(package: str) -> str | None:
