@@ -57,6 +57,7 @@ from phi2_assets.ml.speedups import (
     decoded_nf4,
     filled_columns,
     fused_qkv,
+    gelu_epilogue,
     lean_lora,
     sorted_evaluation,
     static_decoding,
@@ -135,6 +136,10 @@ PATCHED_GENERATION_VARIANTS = {
     "merged_bf16_masked_decoding": (filled_columns, "available", lambda model: False),
     # query, key and value projected by three matmuls, as transformers' PhiAttention does
     "merged_bf16_separate_qkv": (fused_qkv, "applied", lambda model: contextlib.nullcontext()),
+    # the MLP's first matmul and its GELU as two kernels, as transformers' PhiMLP runs them
+    "merged_bf16_separate_gelu": (gelu_epilogue, "available", lambda: False),
+    # prefill chunks written into the static cache by torch.gather instead of the Triton kernel
+    "merged_bf16_gathered_prefill_writes": (static_decoding, "_HAS_TRITON", False),
     # prefill in chunks of at most 32k or 64k padded tokens instead of 16k
     "merged_bf16_prefill_32k": (static_decoding, "PREFILL_CHUNK_TOKENS", 32_768),
     "merged_bf16_prefill_64k": (static_decoding, "PREFILL_CHUNK_TOKENS", 65_536),

@@ -22,6 +22,7 @@ from phi2_assets.ml.speedups import (
     filled_columns,
     fused_qkv,
     fused_rotary,
+    gelu_epilogue,
     guards,
     lean_lora,
     tanh_gelu,
@@ -145,6 +146,37 @@ def test_fused_qkv_projects_what_three_projections_do_and_comes_back(tiny):
             fused = model(**batch).logits
     torch.testing.assert_close(fused, separate, atol=2e-2, rtol=2e-2)  # bf16: another matmul kernel may round apart
     assert not any(hasattr(layer.self_attn, "qkv_weight") for layer in model.model.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the epilogue's tanh GELU is the CUDA op's")
+def test_the_gelu_epilogue_computes_what_the_mlps_two_kernels_do_and_comes_back(tiny):
+    model, tokenizer, _, _, articles = tiny
+    model = copy.deepcopy(model).to("cuda", torch.bfloat16).eval()
+    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64).to("cuda")
+    with torch.no_grad(), tanh_gelu.applied(model):
+        separate = model(**batch).logits
+        with gelu_epilogue.applied(model):
+            assert all(type(layer.mlp) is gelu_epilogue.GeluEpiloguePhiMLP for layer in model.model.layers)
+            fused = model(**batch).logits
+    torch.testing.assert_close(fused, separate, atol=3e-2, rtol=3e-2)  # one bf16 rounding of the activations less
+    assert all(type(layer.mlp) is modeling_phi.PhiMLP for layer in model.model.layers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the right-aligning Triton kernel runs on CUDA")
+def test_the_right_aligning_kernel_writes_what_the_gather_writes():
+    from phi2_assets.ml.speedups import right_aligning_kernel, static_decoding
+
+    generator = torch.Generator("cuda").manual_seed(0)
+    rows, heads, width, head_dim = 3, 4, 70, 80
+    stacked = torch.randn(rows, heads, width, 3 * head_dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+    lengths = torch.tensor([70, 33, 1], device="cuda", dtype=torch.int32)  # the chunk's longest, a middle, one token
+    for states in (stacked[..., :head_dim].contiguous(), stacked[..., head_dim:2 * head_dim]):  # a strided split
+        ours = torch.zeros(rows + 2, heads, 130, head_dim, device="cuda", dtype=torch.bfloat16)
+        gathered = ours.clone()
+        right_aligning_kernel.right_align(states, ours[1:4], lengths, 50)
+        with unittest.mock.patch.object(static_decoding, "_HAS_TRITON", False):
+            static_decoding._right_align(states, gathered[1:4], lengths, 50)
+        assert torch.equal(ours, gathered)
 
 
 def test_a_speedup_outside_its_verified_versions_turns_itself_off_with_one_warning(caplog):

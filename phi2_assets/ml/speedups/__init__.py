@@ -11,6 +11,7 @@ versions it was verified against (`guards`).
 | `tanh_gelu`               | both       | Phi's eight-op tanh GELU as one fused kernel                  |
 | `fused_rotary`            | both       | Phi's partial rotary embedding in one Triton kernel (CUDA)    |
 | `fused_qkv`               | generation | query, key and value projections as one matmul (CUDA)         |
+| `gelu_epilogue`           | generation | first MLP matmul and its tanh GELU in one cuBLASLt call       |
 | `lean_steps`              | training   | less host work and no GPU waits between Trainer steps         |
 | `lean_lora`               | training   | PEFT's LoRA forward as plain tensor ops, no per-call Python   |
 | `decoded_nf4`             | training   | frozen 4-bit weights decoded to bf16 once, not every pass     |
@@ -21,8 +22,9 @@ versions it was verified against (`guards`).
 | `static_decoding`         | generation | static KV cache, chunked prefill, CUDA-graphed greedy steps   |
 | `filled_columns`          | generation | decoding attends over each row's filled cache columns (CUDA)  |
 | `decode_attention_kernel` | generation | the split-KV Triton kernel behind `filled_columns`            |
+| `right_aligning_kernel`   | generation | the Triton kernel writing prefill chunks into the cache       |
 | `shrinking_batch`         | generation | greedy steps on the dynamic cache for unstopped rows only     |
-| `batch_planning`          | generation | batch split by a cost model within free memory (`batch_size: 0`) |
+| `batch_planning`          | generation | cost-model batch split within free memory (`batch_size: 0`)   |
 | `quick_gguf`              | model      | the GGUF conversion read by struct, not by gguf's reader      |
 """
 
@@ -39,6 +41,7 @@ from phi2_assets.ml.speedups import (
     decoded_nf4,
     fused_qkv,
     fused_rotary,
+    gelu_epilogue,
     labelled_positions_cpu,
     lean_lora,
     lean_steps,
@@ -86,4 +89,5 @@ def for_generation(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
             stack.enter_context(tanh_gelu.applied(model))
             stack.enter_context(fused_rotary.applied(model))
             stack.enter_context(fused_qkv.applied(model))  # after fused_rotary: it uses that attention's forward
+            stack.enter_context(gelu_epilogue.applied(model))
         yield

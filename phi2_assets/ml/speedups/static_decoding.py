@@ -8,7 +8,7 @@ place. Recording costs one step of host time; nothing is compiled.
 Prefill runs in chunks of consecutive rows (sorted by length when they arrive sorted), each padded only to its own
 longest prompt. A chunk runs left-aligned, padded on the right, so plain causal attention needs no padding mask
 and SDPA takes the flash kernel; each layer writes its keys and values straight into the batch's cache,
-right-aligned as decoding needs them. On CUDA each decoding step attends only over the columns each row has filled
+right-aligned as decoding needs them (on CUDA by `right_aligning_kernel`, elsewhere by `torch.gather`). On CUDA each decoding step attends only over the columns each row has filled
 (`filled_columns`); elsewhere under the batch's padding mask.
 When it pays: batched greedy generation on CUDA. The tokens are `model.generate`'s (greedy, `min_new_tokens=1`).
 Knob: `cache: static` (greedy only) with `speedups: true`; `cuda_graph: false` decodes the same way eagerly. It
@@ -19,6 +19,7 @@ writes `StaticCache` layers' fields directly, so it runs only on the verified tr
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from collections.abc import Callable, Sequence
 
@@ -30,6 +31,7 @@ from phi2_assets.ml.speedups import filled_columns, guards
 from phi2_assets.ml.speedups.right_padded_sdpa import CAUSAL_SDPA_KERNELS
 
 log = logging.getLogger(__name__)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of PyTorch on Linux ship it
 # Eager steps before recording: the first decoding steps build cuDNN plans and cuBLAS workspaces, which must exist
 # before capture.
 _WARM_UP_STEPS = 2
@@ -122,11 +124,8 @@ def _prefill(model, input_ids, lengths: torch.Tensor, cache: StaticCache, chunk_
         width = max(row_lengths[start:end])
         offsets = torch.arange(width, device=input_ids.device)
         left_aligned = input_ids[start:end].gather(1, (columns - chunk_lengths + offsets).clamp(max=columns - 1))
-        # cache column `columns - width + j` takes the row's prompt position j - (width - length); earlier
-        # ones are padding
-        source = (offsets - (width - chunk_lengths)).clamp(min=0)[:, None, :, None]
-        writer = _RightAligningWriter(model.config, cache, rows, slice(start, end), slice(columns - width, columns),
-                                      source)
+        writer = _RightAligningWriter(model.config, cache, rows, slice(start, end), columns - width,
+                                      chunk_lengths[:, 0].to(torch.int32))
         with sdpa_kernel(CAUSAL_SDPA_KERNELS):  # decoding, with its mask, keeps PyTorch's choice (cuDNN on Hopper)
             out = model(input_ids=left_aligned, position_ids=offsets.expand(end - start, -1), cache=writer,
                         logits_to_keep=chunk_lengths - 1)
@@ -138,20 +137,37 @@ def _prefill(model, input_ids, lengths: torch.Tensor, cache: StaticCache, chunk_
 
 class _RightAligningWriter(DynamicCache):
     """The cache a prefill chunk runs with: each layer's keys and values go straight into the batch's static cache,
-    right-aligned, and nothing is kept (the chunk attends only to itself, so its layers report an empty past)."""
+    right-aligned from column `first_column` on, and nothing is kept (the chunk attends only to itself, so its
+    layers report an empty past)."""
 
-    def __init__(self, config, target: StaticCache, batch_rows: int, rows: slice, window: slice, source: torch.Tensor):
+    def __init__(self, config, target: StaticCache, batch_rows: int, rows: slice, first_column: int,
+                 lengths: torch.Tensor):
         super().__init__(config=config)
-        self.target, self.batch_rows, self.rows, self.window, self.source = target, batch_rows, rows, window, source
+        self.target, self.batch_rows, self.rows, self.first_column, self.lengths = (
+            target, batch_rows, rows, first_column, lengths)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         if not self.target.layers[layer_idx].is_initialized:
             self.target.early_initialization(self.batch_rows, key_states.shape[1], key_states.shape[-1],
                                              key_states.dtype, key_states.device)
-        layer, index = self.target.layers[layer_idx], self.source.expand_as(key_states)
-        torch.gather(key_states, 2, index, out=layer.keys[self.rows, :, self.window])
-        torch.gather(value_states, 2, index, out=layer.values[self.rows, :, self.window])
+        layer = self.target.layers[layer_idx]
+        for states, cached in ((key_states, layer.keys), (value_states, layer.values)):
+            _right_align(states, cached[self.rows], self.lengths, self.first_column)
         return key_states, value_states
+
+
+def _right_align(states: torch.Tensor, cached: torch.Tensor, lengths: torch.Tensor, first_column: int) -> None:
+    """Cache column `first_column + j` takes the row's prompt position `j - (width - length)`; the columns before
+    the prompt take position 0 (padding, never attended)."""
+    width = states.shape[2]
+    if states.is_cuda and _HAS_TRITON and states.stride(-1) == cached.stride(-1) == 1:
+        from phi2_assets.ml.speedups.right_aligning_kernel import right_align
+
+        right_align(states, cached, lengths, first_column)
+        return
+    offsets = torch.arange(width, device=states.device)
+    source = (offsets - (width - lengths[:, None])).clamp(min=0)[:, None, :, None].expand_as(states)
+    torch.gather(states, 2, source, out=cached[:, :, first_column:first_column + width])
 
 
 def _row_chunks(lengths: Sequence[int], chunk_tokens: int) -> list[tuple[int, int]]:
