@@ -8,8 +8,9 @@ place. Recording costs one step of host time; nothing is compiled.
 Prefill runs in chunks of consecutive rows (sorted by length when they arrive sorted), each padded only to its own
 longest prompt. A chunk runs left-aligned, padded on the right, so plain causal attention needs no padding mask
 and SDPA takes the flash kernel; each layer writes its keys and values straight into the batch's cache,
-right-aligned as decoding needs them (on CUDA by `right_aligning_kernel`, elsewhere by `torch.gather`). On CUDA each decoding step attends only over the columns each row has filled
-(`filled_columns`); elsewhere under the batch's padding mask.
+right-aligned as decoding needs them (on CUDA by `right_aligning_kernel`, elsewhere by `torch.gather`). On CUDA
+each decoding step attends only over the columns each row has filled (`filled_columns`); elsewhere under the batch's
+padding mask.
 When it pays: batched greedy generation on CUDA. The tokens are `model.generate`'s (greedy, `min_new_tokens=1`).
 Knob: `cache: static` (greedy only) with `speedups: true`; `cuda_graph: false` decodes the same way eagerly. It
 writes `StaticCache` layers' fields directly, so it runs only on the verified transformers releases; elsewhere
