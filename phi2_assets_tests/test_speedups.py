@@ -134,30 +134,38 @@ def test_fused_rotary_attention_computes_what_transformers_phi_does_and_comes_ba
     assert all(type(layer.self_attn) is modeling_phi.PhiAttention for layer in model.model.layers)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the projections are fused on CUDA")
-def test_fused_qkv_projects_what_three_projections_do_and_comes_back(tiny):
+def bf16_cuda_logits_before_and_inside(tiny, outer, inner, inner_applies) -> tuple:
+    """(model, logits, logits): a bf16 CUDA copy of the tiny model and its logits inside `outer(model)`, then also
+    inside `inner(model)` (where `inner_applies(model)` must hold)."""
     model, tokenizer, _, _, articles = tiny
     model = copy.deepcopy(model).to("cuda", torch.bfloat16).eval()
     batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64).to("cuda")
-    with torch.no_grad(), fused_rotary.applied(model):
-        separate = model(**batch).logits
-        with fused_qkv.applied(model):
-            assert all(hasattr(layer.self_attn, "qkv_weight") for layer in model.model.layers)
-            fused = model(**batch).logits
+    with torch.no_grad(), outer(model):
+        before = model(**batch).logits
+        with inner(model):
+            assert inner_applies(model)
+            inside = model(**batch).logits
+    return model, before, inside
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the projections are fused on CUDA")
+def test_fused_qkv_projects_what_three_projections_do_and_comes_back(tiny):
+    def fused_everywhere(model):
+        return all(hasattr(layer.self_attn, "qkv_weight") for layer in model.model.layers)
+
+    model, separate, fused = bf16_cuda_logits_before_and_inside(tiny, fused_rotary.applied, fused_qkv.applied,
+                                                                fused_everywhere)
     torch.testing.assert_close(fused, separate, atol=2e-2, rtol=2e-2)  # bf16: another matmul kernel may round apart
     assert not any(hasattr(layer.self_attn, "qkv_weight") for layer in model.model.layers)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the epilogue's tanh GELU is the CUDA op's")
 def test_the_gelu_epilogue_computes_what_the_mlps_two_kernels_do_and_comes_back(tiny):
-    model, tokenizer, _, _, articles = tiny
-    model = copy.deepcopy(model).to("cuda", torch.bfloat16).eval()
-    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64).to("cuda")
-    with torch.no_grad(), tanh_gelu.applied(model):
-        separate = model(**batch).logits
-        with gelu_epilogue.applied(model):
-            assert all(type(layer.mlp) is gelu_epilogue.GeluEpiloguePhiMLP for layer in model.model.layers)
-            fused = model(**batch).logits
+    def epilogue_everywhere(model):
+        return all(type(layer.mlp) is gelu_epilogue.GeluEpiloguePhiMLP for layer in model.model.layers)
+
+    model, separate, fused = bf16_cuda_logits_before_and_inside(tiny, tanh_gelu.applied, gelu_epilogue.applied,
+                                                                epilogue_everywhere)
     torch.testing.assert_close(fused, separate, atol=3e-2, rtol=3e-2)  # one bf16 rounding of the activations less
     assert all(type(layer.mlp) is modeling_phi.PhiMLP for layer in model.model.layers)
 
@@ -171,7 +179,8 @@ def test_the_right_aligning_kernel_writes_what_the_gather_writes():
     stacked = torch.randn(rows, heads, width, 3 * head_dim, device="cuda", generator=generator, dtype=torch.bfloat16)
     lengths = torch.tensor([70, 33, 1], device="cuda", dtype=torch.int32)  # the chunk's longest, a middle, one token
     for states in (stacked[..., :head_dim].contiguous(), stacked[..., head_dim:2 * head_dim]):  # a strided split
-        ours = torch.zeros(rows + 2, heads, 130, head_dim, device="cuda", dtype=torch.bfloat16)
+        # random, not zeros: a column either way leaves unwritten must still match
+        ours = torch.randn(rows + 2, heads, 130, head_dim, device="cuda", generator=generator, dtype=torch.bfloat16)
         gathered = ours.clone()
         right_aligning_kernel.right_align(states, ours[1:4], lengths, 50)
         with unittest.mock.patch.object(static_decoding, "_HAS_TRITON", False):
