@@ -13,6 +13,7 @@ The model comes from a conversion made once under --models (models.ensure_gguf_c
 gives a CPU without native bf16's figures on one that has it.
 
     python bench/offline_levers.py train --train-pairs 400 --max-length 160 --layers-from 9 --rouge-rows 40
+    python bench/offline_levers.py train --layers-from 9 --neftune-alpha 5 --rouge-rows 40
     python bench/offline_levers.py generate --rows 20 --prompt-tokens 256 160
     python bench/offline_levers.py --cpu-dtype float32 decode --rows 60 --batch-sizes 20 30 60
     python bench/offline_levers.py convert
@@ -22,9 +23,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import tempfile
 import time
+import unittest.mock
 from pathlib import Path
 
 import datasets
@@ -70,7 +73,9 @@ def train_once(model, tokenizer, args) -> None:
         changes["target_modules"] = tuple(args.targets)
     settings = dataclasses.replace(PROFILE.train, **changes)
     print(load_text(), "(before)", settings, flush=True)
-    with tempfile.TemporaryDirectory() as scratch:
+    sft_config = train.SFTConfig if args.neftune_alpha is None else functools.partial(
+        train.SFTConfig, neftune_noise_alpha=args.neftune_alpha)
+    with tempfile.TemporaryDirectory() as scratch, unittest.mock.patch.object(train, "SFTConfig", sft_config):
         artifact = train.train_lora(model, tokenizer, encoded["train"], encoded["validation"], settings,
                                     Path(scratch) / "adapter", Path(scratch) / "checkpoints")
         print(f"RESULT train {artifact.train_seconds:.0f} s, {artifact.steps} steps,"
@@ -156,6 +161,8 @@ def main() -> None:
     trainer.add_argument("--max-steps", type=int, default=None)
     trainer.add_argument("--targets", nargs="*", default=None)
     trainer.add_argument("--rouge-rows", type=int, default=0)
+    trainer.add_argument("--neftune-alpha", type=float, default=None,
+                         help="noise on the input embeddings while training (transformers' NEFTune)")
     trainer.add_argument("--prompt-tokens", type=int, nargs="+", default=[PROFILE.generation.max_prompt_tokens])
     generator = commands.add_parser("generate")
     generator.add_argument("--rows", type=int, default=20)
