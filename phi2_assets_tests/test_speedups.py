@@ -258,11 +258,13 @@ def test_lean_lora_computes_peft_s_loss_and_gradients_bit_for_bit_and_comes_back
     assert not any(type(m) is lean_lora.LeanLoraLinear for m in peft_model.modules())
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes' 4-bit layers run on CUDA")
-def test_decoded_nf4_weights_give_bitsandbytes_loss_and_gradients_bit_for_bit(tiny):
+@pytest.mark.skipif(decoded_nf4.Linear4bit is None, reason="bitsandbytes is not installed")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_decoded_nf4_weights_give_bitsandbytes_loss_and_gradients_bit_for_bit(tiny, device):
     model, tokenizer, _, _, articles = tiny
     quantized = AutoModelForCausalLM.from_pretrained(
-        model.name_or_path, dtype=torch.bfloat16, device_map={"": 0}, quantization_config=BitsAndBytesConfig(
+        model.name_or_path, dtype=torch.bfloat16, device_map={"": device}, quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16))
     peft_model = get_peft_model(quantized, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=[
@@ -271,15 +273,18 @@ def test_decoded_nf4_weights_give_bitsandbytes_loss_and_gradients_bit_for_bit(ti
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
     # 4 x 500 tokens: more rows than bitsandbytes' small-batch kernel takes, as in training
-    batch = tokenizer([" ".join(articles)] * 4, return_tensors="pt", truncation=True, max_length=500).to("cuda")
+    batch = tokenizer([" ".join(articles)] * 4, return_tensors="pt", truncation=True, max_length=500).to(device)
     stock = lora_loss_and_gradients(peft_model, batch)
     with decoded_nf4.applied(quantized, keeps_activations=True), lean_lora.applied(peft_model):
         assert sum(type(m) is decoded_nf4.DecodedLinear4bit for m in quantized.modules()) == 6 * len(
             quantized.model.layers)
+        assert sum(type(m) is lean_lora.LeanLoraLinear4bit for m in peft_model.modules()) == 6 * len(
+            quantized.model.layers)
         decoded = lora_loss_and_gradients(peft_model, batch)
     assert torch.equal(decoded[0], stock[0])
     assert all(torch.equal(a, b) for a, b in zip(decoded[1], stock[1], strict=True))
-    assert not any(hasattr(m, "decoded_weight") for m in quantized.modules())
+    assert not any(hasattr(m, "decoded_weight") or type(m) is decoded_nf4.DecodedLinear4bit
+                   for m in quantized.modules())
 
 
 def eval_batch_widths(trainer: type, model, tokenizer, rows, output_dir) -> list[int]:

@@ -6,10 +6,10 @@ bf16 matmul. The base weights are frozen during LoRA training, so their decoded 
 layer decodes them once when training starts and computes `F.linear` with that copy, forward and backward, the
 very values and matmul bitsandbytes computes at a training batch's size. The model stays 4-bit: the copy is dropped
 when training ends, and the adapter trains against the NF4 weights it is saved for.
-When it pays: QLoRA training on a GPU with memory to spare: recipes that keep their activations
-(`gradient_checkpointing: false`, as in the `phi2` profile). A recipe that checkpoints activations to save memory
-keeps decoding per pass.
-Cost: the decoded weights, 2 bytes per base weight (about 5 GiB for Phi-2) for the length of training.
+When it pays: QLoRA training with memory to spare: recipes that keep their activations (`gradient_checkpointing:
+false`, as in the `phi2` profile). A recipe that checkpoints activations to save memory keeps decoding per pass.
+Cost: the decoded weights, 2 bytes per base weight (about 5 GiB for Phi-2) for the length of training, taken only
+where the device keeps twice that free beside them.
 Knob: `speedups` of the training stage; verified bitsandbytes release only.
 """
 
@@ -19,6 +19,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 
+import psutil
 import torch
 import torch.nn.functional as F
 
@@ -67,24 +68,28 @@ if Linear4bit is not None:
             return F.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
 
 
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
 def _fits(layers: list) -> bool:
-    """Whether the decoded copies leave `_HEADROOM` times their size free on the device."""
+    """Whether the decoded copies leave `_HEADROOM` times their size free on the layers' device."""
     decoded_bytes = sum(layer.weight.quant_state.shape.numel() * 2 for layer in layers)
-    free, _ = torch.cuda.mem_get_info(layers[0].weight.device)
-    return free - decoded_bytes > _HEADROOM * decoded_bytes
+    return _free_bytes(layers[0].weight.device) - decoded_bytes > _HEADROOM * decoded_bytes
 
 
 @contextlib.contextmanager
 def applied(model: torch.nn.Module, keeps_activations: bool) -> Iterator[None]:
-    """While inside, every CUDA `Linear4bit` of `model` computes with its decoded weights, where the recipe
+    """While inside, every `Linear4bit` of `model` computes with its decoded weights, where the recipe
     `keeps_activations` (no activation checkpointing) and the copies fit in free memory."""
-    layers = [] if Linear4bit is None else [
-        module for module in model.modules() if type(module) is Linear4bit and module.weight.device.type == "cuda"]
+    layers = [] if Linear4bit is None else [module for module in model.modules() if type(module) is Linear4bit]
     if not layers or not keeps_activations or not available():
         yield
         return
     if not _fits(layers):
-        log.warning("speed-up decoded_nf4 is off: the decoded weights would leave too little free GPU memory")
+        log.warning("speed-up decoded_nf4 is off: the decoded weights would leave too little free memory")
         yield
         return
     for layer in layers:
