@@ -14,6 +14,7 @@ gives a CPU without native bf16's figures on one that has it.
 
     python bench/offline_levers.py train --train-pairs 400 --max-length 160 --layers-from 9 --rouge-rows 40
     python bench/offline_levers.py train --layers-from 9 --neftune-alpha 5 --rouge-rows 40
+    python bench/offline_levers.py train --layers-from 9 --speedup-off lean_lora
     python bench/offline_levers.py generate --rows 20 --prompt-tokens 256 160
     python bench/offline_levers.py --cpu-dtype float32 decode --rows 60 --batch-sizes 20 30 60
     python bench/offline_levers.py convert
@@ -22,8 +23,10 @@ gives a CPU without native bf16's figures on one that has it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
+import importlib
 import os
 import tempfile
 import time
@@ -75,7 +78,11 @@ def train_once(model, tokenizer, args) -> None:
     print(load_text(), "(before)", settings, flush=True)
     sft_config = train.SFTConfig if args.neftune_alpha is None else functools.partial(
         train.SFTConfig, neftune_noise_alpha=args.neftune_alpha)
-    with tempfile.TemporaryDirectory() as scratch, unittest.mock.patch.object(train, "SFTConfig", sft_config):
+    switched_off = (unittest.mock.patch.object(importlib.import_module(f"phi2_assets.ml.speedups.{args.speedup_off}"),
+                                               "available", lambda: False)
+                    if args.speedup_off else contextlib.nullcontext())
+    with (tempfile.TemporaryDirectory() as scratch, unittest.mock.patch.object(train, "SFTConfig", sft_config),
+          switched_off):
         artifact = train.train_lora(model, tokenizer, encoded["train"], encoded["validation"], settings,
                                     Path(scratch) / "adapter", Path(scratch) / "checkpoints")
         print(f"RESULT train {artifact.train_seconds:.0f} s, {artifact.steps} steps,"
@@ -161,6 +168,8 @@ def main() -> None:
     trainer.add_argument("--max-steps", type=int, default=None)
     trainer.add_argument("--targets", nargs="*", default=None)
     trainer.add_argument("--rouge-rows", type=int, default=0)
+    trainer.add_argument("--speedup-off", default=None, choices=("lean_lora", "lean_steps", "sorted_evaluation"),
+                         help="the profile's speed-ups with this one turned off")
     trainer.add_argument("--neftune-alpha", type=float, default=None,
                          help="noise on the input embeddings while training (transformers' NEFTune)")
     trainer.add_argument("--prompt-tokens", type=int, nargs="+", default=[PROFILE.generation.max_prompt_tokens])
