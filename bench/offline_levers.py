@@ -76,13 +76,12 @@ def train_once(model, tokenizer, args) -> None:
         changes["target_modules"] = tuple(args.targets)
     settings = dataclasses.replace(PROFILE.train, **changes)
     print(load_text(), "(before)", settings, flush=True)
-    sft_config = train.SFTConfig if args.neftune_alpha is None else functools.partial(
-        train.SFTConfig, neftune_noise_alpha=args.neftune_alpha)
+    neftune = (unittest.mock.patch.object(train, "SFTConfig", functools.partial(
+        train.SFTConfig, neftune_noise_alpha=args.neftune_alpha)) if args.neftune_alpha else contextlib.nullcontext())
     switched_off = (unittest.mock.patch.object(importlib.import_module(f"phi2_assets.ml.speedups.{args.speedup_off}"),
                                                "available", lambda: False)
                     if args.speedup_off else contextlib.nullcontext())
-    with (tempfile.TemporaryDirectory() as scratch, unittest.mock.patch.object(train, "SFTConfig", sft_config),
-          switched_off):
+    with tempfile.TemporaryDirectory() as scratch, neftune, switched_off:
         artifact = train.train_lora(model, tokenizer, encoded["train"], encoded["validation"], settings,
                                     Path(scratch) / "adapter", Path(scratch) / "checkpoints")
         print(f"RESULT train {artifact.train_seconds:.0f} s, {artifact.steps} steps,"
@@ -168,7 +167,7 @@ def main() -> None:
     trainer.add_argument("--max-steps", type=int, default=None)
     trainer.add_argument("--targets", nargs="*", default=None)
     trainer.add_argument("--rouge-rows", type=int, default=0)
-    trainer.add_argument("--speedup-off", default=None, choices=("lean_lora", "lean_steps", "sorted_evaluation"),
+    trainer.add_argument("--speedup-off", default=None, choices=("lean_lora",),
                          help="the profile's speed-ups with this one turned off")
     trainer.add_argument("--neftune-alpha", type=float, default=None,
                          help="noise on the input embeddings while training (transformers' NEFTune)")
