@@ -17,6 +17,7 @@ versions it was verified against (`guards`).
 | `decoded_nf4`             | training   | frozen 4-bit weights decoded to bf16 once, not every pass     |
 | `sorted_evaluation`       | training   | held-out rows evaluated in batches sorted by length           |
 | `labelled_positions_cpu`  | training   | TRL's LM head on labelled positions only, on CPU too          |
+| `kept_logits_cpu`         | training   | TRL's LM head keeps its logits for the backward pass, on CPU  |
 | `right_padded_sdpa`       | training   | causal flash attention without the padding mask               |
 | `compiled_layers`         | training   | decoder layers as one torch.compile graph (`compile_layers`)  |
 | `static_decoding`         | generation | static KV cache, chunked prefill, CUDA-graphed greedy steps   |
@@ -42,6 +43,7 @@ from phi2_assets.ml.speedups import (
     fused_qkv,
     fused_rotary,
     gelu_epilogue,
+    kept_logits_cpu,
     labelled_positions_cpu,
     lean_lora,
     lean_steps,
@@ -70,6 +72,7 @@ def for_training(base: PreTrainedModel, peft_model: PreTrainedModel, enabled: bo
             stack.enter_context(tanh_gelu.applied(base))
             stack.enter_context(fused_rotary.applied(base))
             stack.enter_context(labelled_positions_cpu.applied())
+            stack.enter_context(kept_logits_cpu.applied())
             stack.enter_context(right_padded_sdpa.applied(base))
             stack.enter_context(decoded_nf4.applied(base, keeps_activations))
             stack.enter_context(lean_lora.applied(peft_model))
