@@ -24,6 +24,7 @@ from phi2_assets.ml.speedups import (
     fused_rotary,
     gelu_epilogue,
     guards,
+    kept_logits_cpu,
     lean_lora,
     tanh_gelu,
     trainer_class,
@@ -188,6 +189,42 @@ def test_the_right_aligning_kernel_writes_what_the_gather_writes():
         assert torch.equal(ours, gathered)
 
 
+def lm_head_figures(function, hidden, weight, targets, scales, outputs=("log_probs", "entropy", "is_top1")):
+    """Log-probs, entropy and top-1 flags of `function`, and the hidden states' gradient of a loss on both."""
+    hidden = hidden.clone().requires_grad_()
+    logprobs, entropy, _, _, is_top1 = function.apply(hidden, weight, None, targets, scales[1], 32_768, None,
+                                                      scales[0], outputs)
+    (logprobs.square().sum() + 0.3 * entropy.sum()).backward()  # weights on both, so both gradients count
+    return logprobs.detach(), entropy.detach(), is_top1, hidden.grad
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.5, 0.7)], ids=["plain", "scaled"])
+def test_kept_logits_give_trls_log_probs_entropy_top1_and_gradient_and_come_back(scales):
+    import trl.trainer.utils as trl_utils
+
+    generator = torch.Generator().manual_seed(0)
+    vocabulary = 2 * kept_logits_cpu.TILE_COLUMNS + 123  # a last tile narrower than the rest
+    weight = torch.randn(vocabulary, 24, generator=generator)
+    weight[vocabulary - 7] = weight[5]  # tied logits: only the first of them is the argmax
+    hidden = torch.randn(40, 24, generator=generator)
+    targets = torch.randint(0, vocabulary, (40,), generator=generator)
+    targets[:4] = torch.tensor([5, vocabulary - 7, vocabulary - 1, kept_logits_cpu.TILE_COLUMNS])
+    hidden[:2] = weight[5] * 4  # rows whose largest logits are the tied pair
+    chunked = trl_utils._ChunkedLogProbFunction
+    ours = lm_head_figures(kept_logits_cpu.KeptLogitsLogProb, hidden, weight, targets, scales)
+    theirs = lm_head_figures(chunked, hidden, weight, targets, scales)
+    for mine, trls in zip((ours[0], ours[1], ours[3]), (theirs[0], theirs[1], theirs[3]), strict=True):
+        torch.testing.assert_close(mine, trls, rtol=1e-4, atol=1e-4)  # fp32 sums over other tile widths
+    assert torch.equal(ours[2], theirs[2]) and ours[2][0] and not ours[2][1]
+    with kept_logits_cpu.applied():
+        assert trl_utils._ChunkedLogProbFunction is not chunked
+        # outputs the kept logits do not compute go to TRL's function
+        asked = trl_utils._ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32_768, None, 1.0,
+                                                        ("log_probs", "mean_logits"))
+        assert asked[3] is not None
+    assert trl_utils._ChunkedLogProbFunction is chunked
+
+
 def test_a_speedup_outside_its_verified_versions_turns_itself_off_with_one_warning(caplog):
     with caplog.at_level(logging.WARNING, logger=guards.__name__):
         assert not guards.requires("a_future_technique", transformers="<1")
@@ -248,7 +285,7 @@ def test_lean_lora_computes_peft_s_loss_and_gradients_bit_for_bit_and_comes_back
     for name, parameter in peft_model.named_parameters():  # B starts at zero; any B makes the adapters count
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
-    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64)
+    batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64).to(base.device)
     stock = lora_loss_and_gradients(peft_model, batch)
     with lean_lora.applied(peft_model):
         assert all(type(m) is lean_lora.LeanLoraLinear for m in peft_model.modules() if hasattr(m, "lora_A"))
