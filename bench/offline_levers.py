@@ -14,7 +14,7 @@ gives a CPU without native bf16's figures on one that has it.
 
     python bench/offline_levers.py train --train-pairs 400 --max-length 160 --layers-from 9 --rouge-rows 40
     python bench/offline_levers.py train --layers-from 9 --neftune-alpha 5 --rouge-rows 40
-    python bench/offline_levers.py train --layers-from 9 --speedup-off lean_lora
+    python bench/offline_levers.py train --layers-from 9 --speedup-off kept_logits_cpu
     python bench/offline_levers.py generate --rows 20 --prompt-tokens 256 160
     python bench/offline_levers.py --cpu-dtype float32 decode --rows 60 --batch-sizes 20 30 60
     python bench/offline_levers.py convert
@@ -42,6 +42,8 @@ from phi2_assets.ml.scoring import score_pairs
 from phi2_assets.profiles import PROFILES
 
 PROFILE = PROFILES["offline"]
+# the attribute that turns each speed-up off when patched, and its replacement
+SWITCHES_OFF = {"lean_lora": ("available", lambda: False), "kept_logits_cpu": ("takes", lambda *call: False)}
 
 
 def load(models_dir: Path, cpu_dtype: str):
@@ -79,7 +81,7 @@ def train_once(model, tokenizer, args) -> None:
     neftune = (unittest.mock.patch.object(train, "SFTConfig", functools.partial(
         train.SFTConfig, neftune_noise_alpha=args.neftune_alpha)) if args.neftune_alpha else contextlib.nullcontext())
     switched_off = (unittest.mock.patch.object(importlib.import_module(f"phi2_assets.ml.speedups.{args.speedup_off}"),
-                                               "available", lambda: False)
+                                               *SWITCHES_OFF[args.speedup_off])
                     if args.speedup_off else contextlib.nullcontext())
     with tempfile.TemporaryDirectory() as scratch, neftune, switched_off:
         artifact = train.train_lora(model, tokenizer, encoded["train"], encoded["validation"], settings,
@@ -167,7 +169,7 @@ def main() -> None:
     trainer.add_argument("--max-steps", type=int, default=None)
     trainer.add_argument("--targets", nargs="*", default=None)
     trainer.add_argument("--rouge-rows", type=int, default=0)
-    trainer.add_argument("--speedup-off", default=None, choices=("lean_lora",),
+    trainer.add_argument("--speedup-off", default=None, choices=list(SWITCHES_OFF),
                          help="the profile's speed-ups with this one turned off")
     trainer.add_argument("--neftune-alpha", type=float, default=None,
                          help="noise on the input embeddings while training (transformers' NEFTune)")
