@@ -217,7 +217,11 @@ def test_kept_logits_give_trls_log_probs_entropy_top1_and_gradient_and_come_back
         torch.testing.assert_close(mine, trls, rtol=1e-4, atol=1e-4)  # fp32 sums over other tile widths
     assert torch.equal(ours[2], theirs[2]) and ours[2][0] and not ours[2][1]
     with kept_logits_cpu.applied():
-        assert trl_utils._ChunkedLogProbFunction is not chunked
+        taken = trl_utils._ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32_768, None, 1.0,
+                                                        ("log_probs",))
+        kept = kept_logits_cpu.KeptLogitsLogProb.apply(hidden, weight, None, targets, 1.0, 32_768, None, 1.0,
+                                                       ("log_probs",))
+        assert kept_logits_cpu.takes(hidden, weight, None, None, ("log_probs",)) and torch.equal(taken[0], kept[0])
         # outputs the kept logits do not compute go to TRL's function
         asked = trl_utils._ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 32_768, None, 1.0,
                                                         ("log_probs", "mean_logits"))
