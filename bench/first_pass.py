@@ -1,0 +1,76 @@
+"""What a process's first generation pays once: the `phi2` profile's generation path on the phi-2-shaped model (bf16,
+no adapter), several passes over the same 500 prompts in one process, each with its time per batch and the Triton
+kernels it compiled (the new entries in Triton's on-disk cache).
+
+On a CUDA machine, from the repository root with the project's dependencies installed:
+
+    TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=. python bench/first_pass.py --label cold [--passes 2]
+        [--without merged_bf16_gathered_prefill_writes] [--output-dir data/bench]
+
+A second process with the same TRITON_CACHE_DIR finds every kernel compiled, as a machine's second generation run
+does. Appends one entry per process to <output-dir>/h200-first-pass.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import time
+import unittest.mock
+from pathlib import Path
+
+import torch
+
+from bench import gpu_benchmark as bench
+from bench import gpu_metrics
+from bench.phi2_shape import synthetic_articles
+from phi2_assets.ml import generate
+from phi2_assets.profiles import PROFILES
+
+
+def cache_entries() -> int:
+    """Kernels in Triton's on-disk cache (one folder each)."""
+    folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    return sum(1 for entry in folder.iterdir() if entry.is_dir()) if folder.is_dir() else 0
+
+
+def timed_pass(model, tokenizer, articles: list[str]) -> dict:
+    before = cache_entries()
+    result = generate.generate_summaries(model, tokenizer, articles, PROFILES["phi2"].generation)
+    return {"per_s": round(result.summaries_per_second, 1), "seconds": round(result.seconds, 3),
+            "batches": result.batch_sizes, "batch_seconds": [round(s, 3) for s in result.batch_seconds],
+            "nonempty_rate": result.success_rate, "kernels_compiled": cache_entries() - before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", required=True, help="the name of this process's entry")
+    parser.add_argument("--passes", type=int, default=2)
+    parser.add_argument("--without", choices=list(bench.PATCHED_GENERATION_VARIANTS), default=None,
+                        help="one generation speed-up turned off, as the benchmark's variant of that name")
+    gpu_metrics.add_common_arguments(parser)
+    args = parser.parse_args()
+    bench.OUTPUT_DIR = args.output_dir
+    spec, model_dir, tokenizer = bench.phi2_shape_checkpoint()
+    started = time.perf_counter()
+    model = generate.load_merged_bf16(dataclasses.replace(spec, load_in_4bit=False), model_dir, None)
+    torch.cuda.synchronize()
+    entry = {"label": args.label, "commit": gpu_metrics.commit(args.commit), "without": args.without,
+             "load_seconds": round(time.perf_counter() - started, 1), "cached_kernels_at_start": cache_entries()}
+    articles = synthetic_articles(bench.MERGED_ARTICLES)
+    patch = (unittest.mock.patch.object(*bench.PATCHED_GENERATION_VARIANTS[args.without]) if args.without
+             else contextlib.nullcontext())
+    with patch:
+        entry["passes"] = [timed_pass(model, tokenizer, articles) for _ in range(args.passes)]
+    print(json.dumps(entry), flush=True)
+    output = args.output_dir / "h200-first-pass.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    entries = json.loads(output.read_text()) if output.exists() else []
+    output.write_text(json.dumps([*entries, entry], indent=1))
+
+
+if __name__ == "__main__":
+    main()
