@@ -66,7 +66,12 @@ def _attend_split(query, keys, values, starts, used, partial_values, partial_max
     tl.store(partial_sum + slot, running_sum)
 
 
-@triton.jit
+# One compile for every cache of up to MIN_BLOCK_SPLITS splits: Triton would compile a variant per split count that
+# is 1 and per power of two above it, each a fraction of a second inside a machine's first generation.
+MIN_BLOCK_SPLITS = 4
+
+
+@triton.jit(do_not_specialize=["splits"])
 def _combine_splits(partial_values, partial_max, partial_sum, output, splits, HEAD_DIM: tl.constexpr,
                     BLOCK_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
     row_head = tl.program_id(0)
@@ -102,5 +107,6 @@ def attend_filled_columns(query: torch.Tensor, keys: torch.Tensor, values: torch
         span, scale, HEAD_DIM=head_dim, LOW=low, HIGH=high, BLOCK_N=BLOCK_COLUMNS, num_warps=1)
     _combine_splits[(rows * heads,)](
         partial_values, partial_max, partial_sum, output, splits, HEAD_DIM=head_dim,
-        BLOCK_DIM=triton.next_power_of_2(head_dim), BLOCK_SPLITS=triton.next_power_of_2(splits), num_warps=1)
+        BLOCK_DIM=triton.next_power_of_2(head_dim),
+        BLOCK_SPLITS=max(MIN_BLOCK_SPLITS, triton.next_power_of_2(splits)), num_warps=1)
     return output
