@@ -57,6 +57,7 @@ from phi2_assets.ml.speedups import (
     decoded_nf4,
     filled_columns,
     fused_qkv,
+    fused_rotary,
     gelu_epilogue,
     lean_lora,
     sorted_evaluation,
@@ -113,6 +114,7 @@ RECIPES["stock"] = dataclasses.replace(BEST, speedups=False)
 PATCHED_RECIPES = {
     "best_without_decoded_nf4": (decoded_nf4, "available", lambda: False),
     "best_without_lean_lora": (lean_lora, "available", lambda: False),
+    "best_without_fused_rotary": (fused_rotary, "rotate_queries_and_keys", fused_rotary.rotate_eagerly),
 }
 RECIPES.update({name: BEST for name in PATCHED_RECIPES})
 # the 4-bit + LoRA path's generation: the profile's settings on the unmerged model (transformers' generate)

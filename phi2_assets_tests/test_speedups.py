@@ -135,6 +135,30 @@ def test_fused_rotary_attention_computes_what_transformers_phi_does_and_comes_ba
     assert all(type(layer.self_attn) is modeling_phi.PhiAttention for layer in model.model.layers)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the rotary Triton kernel runs on CUDA")
+def test_the_rotary_kernel_gives_the_eager_rotations_outputs_and_gradients_bit_for_bit():
+    generator = torch.Generator("cuda").manual_seed(0)
+    batch, heads, positions, head_dim, rotary = 2, 4, 37, 80, 32
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", generator=generator, dtype=torch.bfloat16)
+
+    # query and key as Phi's attention makes them: views of its projections, transposed to (batch, heads, ...)
+    projected = [randn(batch, positions, heads * head_dim).requires_grad_() for _ in range(2)]
+    angles = torch.arange(positions, device="cuda")[:, None] / 10_000 ** (
+        torch.arange(0, rotary, 2, device="cuda") / rotary)
+    angles = torch.cat([angles, angles], dim=-1).expand(batch, -1, -1)
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    upstream = [randn(batch, heads, positions, head_dim) for _ in range(2)]
+    results = []
+    for rotate in (fused_rotary.rotate_queries_and_keys, fused_rotary.rotate_eagerly):
+        query, key = (p.view(batch, positions, heads, head_dim).transpose(1, 2) for p in projected)
+        outputs = rotate(query, key, cos, sin, rotary)
+        gradients = torch.autograd.grad(outputs, projected, upstream)
+        results.append((*outputs, *gradients))
+    assert all(torch.equal(fused, eager) for fused, eager in zip(*results, strict=True))
+
+
 def bf16_cuda_logits_before_and_inside(tiny, outer, inner, inner_applies) -> tuple:
     """(model, logits, logits): a bf16 CUDA copy of the tiny model and its logits inside `outer(model)`, then also
     inside `inner(model)` (where `inner_applies(model)` must hold)."""

@@ -4,8 +4,11 @@ What: transformers' `PhiAttention` rotates the first `rotary_ndims` dimensions o
 `rotate_half` (slices, a negation, a `torch.cat`), two multiplies, an add and another `torch.cat`, each a kernel
 over the whole tensor. `fused_rotary_kernel` does it in one read and one write per tensor, rounding where the eager
 ops round, so the result is theirs bit for bit.
-When it pays: generation (prefill) on CUDA. Training keeps the eager ops (the kernel has no backward pass), and so
-do CPUs and CUDA builds without Triton.
+In training the rotation's backward pass is the same kernel with the sines negated (the rotation is orthogonal: its
+transpose turns the other way), which also equals autograd's gradient of the eager ops bit for bit: each output
+element is one product, or the sum of two, rounded where they round.
+When it pays: training and generation on CUDA, a dozen kernels per layer and pass fewer. CPUs and CUDA builds
+without Triton keep the eager ops.
 Knob: `speedups` of the stage. It applies to `PhiAttention` only, and only while the library's
 `PhiAttention.forward` is the one this module's copy was made from (checked by a fingerprint of its source).
 """
@@ -36,12 +39,36 @@ def rotate_queries_and_keys(query: torch.Tensor, key: torch.Tensor, cos: torch.T
                             rotary_dims: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`PhiAttention`'s rotation of query and key (batch, heads, positions, head_dim) by `cos` and `sin`."""
     fused = _HAS_TRITON and query.is_cuda and query.stride(-1) == key.stride(-1) == 1 and not (
-        torch.is_grad_enabled() and (query.requires_grad or key.requires_grad))
-    if fused:
+        torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad))
+    if not fused:
+        return rotate_eagerly(query, key, cos, sin, rotary_dims)
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad):
+        return _Rotation.apply(query, key, cos, sin, rotary_dims)
+    from phi2_assets.ml.speedups import fused_rotary_kernel
+
+    return fused_rotary_kernel.rotate(query, key, cos, sin, rotary_dims)
+
+
+class _Rotation(torch.autograd.Function):
+    """The kernel's rotation with a backward pass: the incoming gradients rotated the other way."""
+
+    @staticmethod
+    def forward(ctx, query, key, cos, sin, rotary_dims: int):
         from phi2_assets.ml.speedups import fused_rotary_kernel
 
+        ctx.save_for_backward(cos, sin)
+        ctx.rotary_dims = rotary_dims
         return fused_rotary_kernel.rotate(query, key, cos, sin, rotary_dims)
-    return rotate_eagerly(query, key, cos, sin, rotary_dims)
+
+    @staticmethod
+    def backward(ctx, query_grad, key_grad):
+        from phi2_assets.ml.speedups import fused_rotary_kernel
+
+        cos, sin = ctx.saved_tensors
+        query_grad = query_grad if query_grad.stride(-1) == 1 else query_grad.contiguous()
+        key_grad = key_grad if key_grad.stride(-1) == 1 else key_grad.contiguous()
+        query_grad, key_grad = fused_rotary_kernel.rotate(query_grad, key_grad, cos, -sin, ctx.rotary_dims)
+        return query_grad, key_grad, None, None, None
 
 
 def rotate_eagerly(query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
