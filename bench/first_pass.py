@@ -5,7 +5,7 @@ kernels it compiled (the new entries in Triton's on-disk cache).
 On a CUDA machine, from the repository root with the project's dependencies installed:
 
     TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=. python bench/first_pass.py --label cold [--passes 2]
-        [--without merged_bf16_gathered_prefill_writes] [--output-dir data/bench]
+        [--without kernels_ahead|merged_bf16_separate_gelu|...] [--output-dir data/bench]
 
 A second process with the same TRITON_CACHE_DIR finds every kernel compiled, as a machine's second generation run
 does. Appends one entry per process to <output-dir>/h200-first-pass.json.
@@ -28,6 +28,7 @@ from bench import gpu_benchmark as bench
 from bench import gpu_metrics
 from bench.phi2_shape import synthetic_articles
 from phi2_assets.ml import generate
+from phi2_assets.ml.speedups import kernels_ahead
 from phi2_assets.profiles import PROFILES
 
 
@@ -45,25 +46,32 @@ def timed_pass(model, tokenizer, articles: list[str]) -> dict:
             "nonempty_rate": result.success_rate, "kernels_compiled": cache_entries() - before}
 
 
+def without(name: str | None):
+    """The benchmark's patch for that variant, or one that keeps kernels from compiling ahead."""
+    if name == "kernels_ahead":
+        return unittest.mock.patch.object(kernels_ahead, "start", lambda config, dtype: None)
+    return unittest.mock.patch.object(*bench.PATCHED_GENERATION_VARIANTS[name]) if name else contextlib.nullcontext()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True, help="the name of this process's entry")
     parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--without", choices=list(bench.PATCHED_GENERATION_VARIANTS), default=None,
-                        help="one generation speed-up turned off, as the benchmark's variant of that name")
+    parser.add_argument("--without", choices=[*bench.PATCHED_GENERATION_VARIANTS, "kernels_ahead"], default=None,
+                        help="one generation speed-up turned off, as the benchmark's variant of that name, or the "
+                             "kernels compiled while the model loads")
     gpu_metrics.add_common_arguments(parser)
     args = parser.parse_args()
     bench.OUTPUT_DIR = args.output_dir
     spec, model_dir, tokenizer = bench.phi2_shape_checkpoint()
-    started = time.perf_counter()
-    model = generate.load_merged_bf16(dataclasses.replace(spec, load_in_4bit=False), model_dir, None)
-    torch.cuda.synchronize()
-    entry = {"label": args.label, "commit": gpu_metrics.commit(args.commit), "without": args.without,
-             "load_seconds": round(time.perf_counter() - started, 1), "cached_kernels_at_start": cache_entries()}
     articles = synthetic_articles(bench.MERGED_ARTICLES)
-    patch = (unittest.mock.patch.object(*bench.PATCHED_GENERATION_VARIANTS[args.without]) if args.without
-             else contextlib.nullcontext())
-    with patch:
+    entry = {"label": args.label, "commit": gpu_metrics.commit(args.commit), "without": args.without,
+             "cached_kernels_at_start": cache_entries()}
+    with without(args.without):
+        started = time.perf_counter()
+        model = generate.load_merged_bf16(dataclasses.replace(spec, load_in_4bit=False), model_dir, None)
+        torch.cuda.synchronize()
+        entry["load_seconds"] = round(time.perf_counter() - started, 1)
         entry["passes"] = [timed_pass(model, tokenizer, articles) for _ in range(args.passes)]
     print(json.dumps(entry), flush=True)
     output = args.output_dir / "h200-first-pass.json"

@@ -25,6 +25,7 @@ from phi2_assets.ml.speedups import (
     gelu_epilogue,
     guards,
     kept_logits_cpu,
+    kernels_ahead,
     lean_lora,
     tanh_gelu,
     trainer_class,
@@ -211,6 +212,16 @@ def test_the_right_aligning_kernel_writes_what_the_gather_writes():
         with unittest.mock.patch.object(static_decoding, "_HAS_TRITON", False):
             static_decoding._right_align(states, gathered[1:4], lengths, 50)
         assert torch.equal(ours, gathered)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="generation's Triton kernels run on CUDA")
+def test_kernels_compile_ahead_for_phi_2s_attention_without_a_warning(caplog):
+    from bench.phi2_shape import phi2_config
+
+    with caplog.at_level(logging.WARNING):
+        kernels_ahead.start(phi2_config(), torch.bfloat16)
+        kernels_ahead.wait()
+    assert not caplog.records
 
 
 def lm_head_figures(function, hidden, weight, targets, scales, outputs=("log_probs", "entropy", "is_top1")):

@@ -134,7 +134,7 @@ def _summary_model(
     it (without an adapter that copy only differs from the shared base when the base is 4-bit), else the shared
     base, with the adapter attached for the step."""
     if settings.merged_bf16 and (adapter_path or base_model.precision().quantized_4bit):
-        yield generate.load_merged_bf16(base_model.spec, base_model.model_dir(), adapter_path)
+        yield generate.load_merged_bf16(base_model.spec, base_model.model_dir(), adapter_path, settings.speedups)
         return
     model, _ = base_model.load()
     if adapter_path is None:

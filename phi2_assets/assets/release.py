@@ -124,7 +124,8 @@ def exported_model(
     facts = _card_facts(context, settings, lora_adapter, results, decoding, directory)
     merged = None
     if settings.merge:
-        merged = (generate.load_merged_bf16(base_model.spec, base_model.model_dir(), lora_adapter.path), tokenizer)
+        merged = (generate.load_merged_bf16(base_model.spec, base_model.model_dir(), lora_adapter.path,
+                                            speedups=False), tokenizer)
     files = export.write_export(
         directory, Path(lora_adapter.path), export.model_card(facts, settings.merge),
         generate.decoding_config(decoding, tokenizer, model), export.loss_curve_png(lora_adapter), merged,

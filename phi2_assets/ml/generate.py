@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from phi2_assets.ml import models, speedups
 from phi2_assets.ml.prompts import TEMPLATES, split_template
 from phi2_assets.ml.settings import documented
-from phi2_assets.ml.speedups import batch_planning, shrinking_batch, static_decoding
+from phi2_assets.ml.speedups import batch_planning, kernels_ahead, shrinking_batch, static_decoding
 from phi2_assets.ml.tokenization import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -292,12 +292,16 @@ def _batches(model: PreTrainedModel, lengths: list[int], order: list[int],
     return [order[start:start + size] for start in range(0, len(order), size)]
 
 
-def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str | Path | None) -> PreTrainedModel:
+def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str | Path | None,
+                     speedups: bool = True) -> PreTrainedModel:
     """A separate dense copy of the base with the adapter merged into its weights: no LoRA matmuls and no 4-bit
     dequantisation per decoding step. Where the base trains in 4-bit, the copy is the NF4 weights dequantized to
     bf16, the very weights the adapter was trained against: closer to 4-bit + LoRA than a merge into the original
-    bf16 checkpoint (docs/PERFORMANCE.md, "Merged bf16 evaluation")."""
+    bf16 checkpoint (docs/PERFORMANCE.md, "Merged bf16 evaluation"). With `speedups`, generation's kernels compile
+    in the background meanwhile (`kernels_ahead`)."""
     precision = spec.precision()
+    if speedups and precision.device == "cuda":
+        kernels_ahead.start(AutoConfig.from_pretrained(model_dir), torch.bfloat16)
     model = models.load_model(spec, model_dir, precision)
     if precision.quantized_4bit:
         model = model.dequantize(dtype=torch.bfloat16)

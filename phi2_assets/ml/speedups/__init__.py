@@ -14,6 +14,7 @@ versions it was verified against (`guards`).
 | `gelu_epilogue`           | generation | first MLP matmul and its tanh GELU in one cuBLASLt call       |
 | `lean_steps`              | training   | less host work and no GPU waits between Trainer steps         |
 | `lean_lora`               | training   | PEFT's LoRA forward as plain tensor ops, no per-call Python   |
+| `lora_kernels`            | training   | the Triton kernels of lean LoRA's fp32 passes (CUDA)          |
 | `decoded_nf4`             | training   | frozen 4-bit weights decoded to bf16 once, not every pass     |
 | `sorted_evaluation`       | training   | held-out rows evaluated in batches sorted by length           |
 | `labelled_positions_cpu`  | training   | TRL's LM head on labelled positions only, on CPU too          |
@@ -24,6 +25,7 @@ versions it was verified against (`guards`).
 | `filled_columns`          | generation | decoding attends over each row's filled cache columns (CUDA)  |
 | `decode_attention_kernel` | generation | the split-KV Triton kernel behind `filled_columns`            |
 | `right_aligning_kernel`   | generation | the Triton kernel writing prefill chunks into the cache       |
+| `kernels_ahead`           | generation | generation's Triton kernels compiled while the model loads    |
 | `shrinking_batch`         | generation | greedy steps on the dynamic cache for unstopped rows only     |
 | `batch_planning`          | generation | cost-model batch split within free memory (`batch_size: 0`)   |
 | `quick_gguf`              | model      | the GGUF conversion read by struct, not by gguf's reader      |
@@ -44,6 +46,7 @@ from phi2_assets.ml.speedups import (
     fused_rotary,
     gelu_epilogue,
     kept_logits_cpu,
+    kernels_ahead,
     labelled_positions_cpu,
     lean_lora,
     lean_steps,
@@ -86,9 +89,11 @@ def for_training(base: PreTrainedModel, peft_model: PreTrainedModel, enabled: bo
 @contextlib.contextmanager
 def for_generation(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
     """While inside, generation with `model` runs with the module-level speed-ups (`static_decoding`,
-    `shrinking_batch` and `batch_planning` are chosen per call by `generate`)."""
+    `shrinking_batch` and `batch_planning` are chosen per call by `generate`), once any kernels compiling ahead
+    have compiled."""
     with contextlib.ExitStack() as stack:
         if enabled:
+            kernels_ahead.wait()
             stack.enter_context(tanh_gelu.applied(model))
             stack.enter_context(fused_rotary.applied(model))
             stack.enter_context(fused_qkv.applied(model))  # after fused_rotary: it uses that attention's forward
