@@ -439,6 +439,9 @@ def main() -> None:
     parser.add_argument("--first-variant", choices=list(GENERATION_VARIANTS), default=None,
                         help="run this variant as the process's first generation, before the profile's path, so that "
                              "the one-time costs of what it turns off leave the first pass")
+    parser.add_argument("--profile-path-only", action="store_true",
+                        help="generate on the profile's merged model only: no merge into the original checkpoint, "
+                             "no 4-bit + LoRA reference paths")
     parser.add_argument("--pipeline-json", type=Path, default=None,
                         help="bench/gpu_pipeline.py's results: their pipeline_seconds join the figures")
     gpu_metrics.add_common_arguments(parser)
@@ -459,7 +462,7 @@ def main() -> None:
     training_phases(inputs, args.recipes)
     evaluation_phases(inputs, args.evaluation_batches)
     if not args.skip_generation:
-        generation_phases(inputs, args.generation_variants)
+        generation_phases(inputs, args.generation_variants, args.profile_path_only)
     print_tables(write_figures())
 
 
@@ -508,10 +511,10 @@ def evaluation_phases(inputs: Inputs, batch_sizes: list[int]) -> None:
             phase(f"evaluate {order} {batch}", 90, run)
 
 
-def generation_phases(inputs: Inputs, variant_names: list[str]) -> None:
+def generation_phases(inputs: Inputs, variant_names: list[str], profile_path_only: bool) -> None:
     """The profile's path first (its first pass is the process's first generation, as an evaluation step's),
-    its variants, the same adapter merged into the original bf16 checkpoint, then the 4-bit + LoRA path that
-    every other path is compared with."""
+    its variants, then (unless `profile_path_only`) the same adapter merged into the original bf16 checkpoint and
+    the 4-bit + LoRA path that every other path is compared with."""
     adapter = WORK / "adapter-best"
     articles = synthetic_articles(MERGED_ARTICLES)
     probes = teacher_forcing_probes(inputs.tokenizer, articles, PROFILES["phi2"].generation)
@@ -522,6 +525,9 @@ def generation_phases(inputs: Inputs, variant_names: list[str]) -> None:
                "merged_checkpoint_bf16": lambda: generate.load_merged_bf16(checkpoint_spec, inputs.model_dir, adapter)}
     for kind, loader in loaders.items():
         merged_generation(kind, loader, inputs.tokenizer, articles, probes, outputs, logprobs, variant_names)
+        if profile_path_only:
+            compare_paths(outputs, logprobs)
+            return
     with contextlib.ExitStack() as stack:
         adapted = stack.enter_context(models.adapted(inputs.model, adapter)) if adapter.is_dir() else inputs.model
         unmerged_generation(adapted, inputs.tokenizer, articles, probes, outputs, logprobs)
