@@ -77,7 +77,6 @@ if TYPE_CHECKING:
 
 WORK = Path(os.environ.get("BENCH_DIR") or Path(tempfile.gettempdir()) / "phi2-bench")
 OUTPUT_DIR = gpu_metrics.DEFAULT_OUTPUT_DIR  # set from --output-dir by each benchmark's main
-FIRST_VARIANT: str | None = None  # set from --first-variant
 STEPS = 16  # optimizer steps per recipe, 16 sequences each (8 left identical recipes 30% apart)
 EFFECTIVE_BATCH = 16
 LEAN_CARD_GIB = 15.0  # what a 16 GB card (T4) leaves to PyTorch's allocator
@@ -428,7 +427,7 @@ def compare_logprobs(reference: dict, other: dict) -> dict:
 
 
 def main() -> None:
-    global OUTPUT_DIR, FIRST_VARIANT
+    global OUTPUT_DIR
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--skip-generation", action="store_true")
@@ -436,9 +435,6 @@ def main() -> None:
                         default=list(GENERATION_VARIANTS), help="variants of the profile's generation path to run")
     parser.add_argument("--evaluation-batches", nargs="*", type=int, default=[16, 64],
                         help="evaluation batch sizes timed with sorted and with length-grouped batches (none: skip)")
-    parser.add_argument("--first-variant", choices=list(GENERATION_VARIANTS), default=None,
-                        help="run this variant as the process's first generation, before the profile's path, so that "
-                             "the one-time costs of what it turns off leave the first pass")
     parser.add_argument("--profile-path-only", action="store_true",
                         help="generate on the profile's merged model only: no merge into the original checkpoint, "
                              "no 4-bit + LoRA reference paths")
@@ -447,7 +443,6 @@ def main() -> None:
     gpu_metrics.add_common_arguments(parser)
     args = parser.parse_args()
     OUTPUT_DIR = args.output_dir
-    FIRST_VARIANT = args.first_variant
     details["commit"] = gpu_metrics.commit(args.commit)
     if args.pipeline_json:
         details["pipeline"] = json.loads(args.pipeline_json.read_text())
@@ -545,7 +540,6 @@ def merged_generation(kind: str, loader: Callable[[], object], tokenizer, articl
         return
     chosen = [(name, GENERATION_VARIANTS[name]) for name in GENERATION_VARIANTS if name in variant_names]
     variants = [(f"{kind}_static", {})] + (chosen if kind == "merged_bf16" else [])
-    variants.sort(key=lambda variant: variant[0] != FIRST_VARIANT)  # stable: the rest keep their order
     for name, options in variants:
         patch = (unittest.mock.patch.object(*PATCHED_GENERATION_VARIANTS[name])
                  if name in PATCHED_GENERATION_VARIANTS else contextlib.nullcontext())
