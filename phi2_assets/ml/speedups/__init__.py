@@ -14,7 +14,6 @@ versions it was verified against (`guards`).
 | `gelu_epilogue`           | generation | first MLP matmul and its tanh GELU in one cuBLASLt call       |
 | `lean_steps`              | training   | less host work and no GPU waits between Trainer steps         |
 | `lean_lora`               | training   | PEFT's LoRA forward as plain tensor ops, no per-call Python   |
-| `lora_kernels`            | training   | the Triton kernels of lean LoRA's fp32 passes (CUDA)          |
 | `decoded_nf4`             | training   | frozen 4-bit weights decoded to bf16 once, not every pass     |
 | `sorted_evaluation`       | training   | held-out rows evaluated in batches sorted by length           |
 | `labelled_positions_cpu`  | training   | TRL's LM head on labelled positions only, on CPU too          |

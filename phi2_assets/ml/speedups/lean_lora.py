@@ -6,13 +6,7 @@ four module dicts and calls `lora_A` and `lora_B` as modules; its 4-bit variant 
 forwards. `LeanLoraLinear` and `LeanLoraLinear4bit` compute the same ops in the same order and dtypes (the base
 layer, the input cast to the adapter's dtype, dropout, A, B, the scale, the add), so outputs and gradients are
 PEFT's bit for bit; the copy is left out because nothing writes into the base output in place.
-On CUDA the 4-bit layer's last three ops (the fp32 LoRA output times the scale, cast to bf16, added to the base
-output) run as one kernel, their backward (the gradient cast to fp32 and scaled) as another, and the backward of
-the adapter input's fp32 copy and dropout as a third (`lora_kernels`), each rounding where PyTorch's ops round and
-dropout drawing its masks as `nn.Dropout` does: with fp32 adapters those ops read and write several bytes per
-element of every projection's input and output, forward and backward.
-When it pays: training on a GPU, where Python around the step and the adapters' fp32 passes over every projection
-output set the pace; on CPU it is neutral.
+When it pays: training on a GPU, where Python around the step sets the pace; on CPU it is neutral.
 Knob: `speedups` of the training stage. It applies to layers with one vanilla LoRA adapter (no DoRA or other
 variant, no LoRA bias), falls back to PEFT's forward for merged or disabled adapters and for per-call adapter
 names, and runs only on the verified PEFT release; the layers get their own class back afterwards.
@@ -21,7 +15,6 @@ names, and runs only on the verified PEFT release; the layers get their own clas
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from collections.abc import Iterator
 
 import torch
@@ -29,9 +22,6 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 
 from phi2_assets.ml.speedups import guards
-
-_HAS_TRITON = importlib.util.find_spec("triton") is not None  # CUDA builds of PyTorch on Linux ship it
-_HALF_PRECISION = (torch.bfloat16, torch.float16)
 
 try:  # PEFT defines its 4-bit LoRA layer only where bitsandbytes is installed
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
@@ -78,63 +68,9 @@ if LoraLinear4bit is not None:
                 return super().forward(x, *args, **kwargs)
             a_weight, b_weight, dropout, scale = adapter
             result = self.base_layer(x)
-            if _dropout_fits(x, a_weight, dropout):
-                dropped = _CastDropout.apply(x, dropout.p)
-            else:
-                dropped = dropout(x if x.dtype == a_weight.dtype else x.to(a_weight.dtype))
-            output = F.linear(F.linear(dropped, a_weight), b_weight)
-            if _epilogue_fits(result, output):
-                return _ScaledAdd.apply(result, output, scale)
-            return result + (output * scale).to(result.dtype)
-
-
-def _epilogue_fits(result: torch.Tensor, output: torch.Tensor) -> bool:
-    """Whether the epilogue kernel computes `result + (output * scale).to(result.dtype)` for these tensors."""
-    return (_HAS_TRITON and result.is_cuda and result.dtype in _HALF_PRECISION and output.dtype == torch.float32
-            and result.shape == output.shape and result.is_contiguous() and output.is_contiguous())
-
-
-def _dropout_fits(x: torch.Tensor, a_weight: torch.Tensor, dropout: torch.nn.Module) -> bool:
-    """Whether `_CastDropout` computes `dropout(x.to(a_weight.dtype))`: a training-mode dropout of a half-precision
-    CUDA input for fp32 adapters."""
-    return (_HAS_TRITON and x.is_cuda and x.dtype in _HALF_PRECISION and a_weight.dtype == torch.float32
-            and type(dropout) is torch.nn.Dropout and dropout.training and 0 < dropout.p < 1
-            and torch.is_grad_enabled())
-
-
-class _CastDropout(torch.autograd.Function):
-    """`dropout(x.to(torch.float32))`, the mask drawn by the op `nn.Dropout` runs on CUDA; backward in one kernel."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        dropped, mask = torch.native_dropout(x.to(torch.float32), p, True)
-        ctx.save_for_backward(mask)
-        ctx.scale, ctx.dtype = 1.0 / (1.0 - p), x.dtype
-        return dropped
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        from phi2_assets.ml.speedups import lora_kernels
-
-        (mask,) = ctx.saved_tensors
-        return lora_kernels.dropout_grad(grad, mask, ctx.scale, ctx.dtype), None
-
-
-class _ScaledAdd(torch.autograd.Function):
-    """`result + (output * scale).to(result.dtype)` and its gradients, one kernel each way."""
-
-    @staticmethod
-    def forward(ctx, result: torch.Tensor, output: torch.Tensor, scale: float) -> torch.Tensor:
-        from phi2_assets.ml.speedups import lora_kernels
-
-        ctx.scale = scale
-        return lora_kernels.scaled_add(result, output, scale)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        from phi2_assets.ml.speedups import lora_kernels
-
-        return grad, lora_kernels.scaled_grad(grad, ctx.scale), None
+            adapter_input = x if x.dtype == a_weight.dtype else x.to(a_weight.dtype)
+            output = F.linear(F.linear(dropout(adapter_input), a_weight), b_weight) * scale
+            return result + output.to(result.dtype)
 
 
 def _lean_class(layer: torch.nn.Module) -> type | None:
