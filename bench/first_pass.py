@@ -43,6 +43,7 @@ def timed_pass(model, tokenizer, articles: list[str]) -> dict:
     result = generate.generate_summaries(model, tokenizer, articles, PROFILES["phi2"].generation)
     return {"per_s": round(result.summaries_per_second, 1), "seconds": round(result.seconds, 3),
             "batches": result.batch_sizes, "batch_seconds": [round(s, 3) for s in result.batch_seconds],
+            "outside_batches_seconds": round(result.seconds - sum(result.batch_seconds), 3),
             "nonempty_rate": result.success_rate, "kernels_compiled": cache_entries() - before}
 
 
