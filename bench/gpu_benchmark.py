@@ -517,15 +517,15 @@ def generation_phases(inputs: Inputs, variant_names: list[str], profile_path_onl
     checkpoint_spec = dataclasses.replace(inputs.spec, load_in_4bit=False)
     loaders = {"merged_bf16": lambda: generate.load_merged_bf16(inputs.spec, inputs.model_dir, adapter),
                "merged_checkpoint_bf16": lambda: generate.load_merged_bf16(checkpoint_spec, inputs.model_dir, adapter)}
+    if profile_path_only:
+        loaders = {"merged_bf16": loaders["merged_bf16"]}
     for kind, loader in loaders.items():
         merged_generation(kind, loader, inputs.tokenizer, articles, probes, outputs, logprobs, variant_names)
-        if profile_path_only:
-            compare_paths(outputs, logprobs)
-            return
-    with contextlib.ExitStack() as stack:
-        adapted = stack.enter_context(models.adapted(inputs.model, adapter)) if adapter.is_dir() else inputs.model
-        unmerged_generation(adapted, inputs.tokenizer, articles, probes, outputs, logprobs)
-    free_memory()
+    if not profile_path_only:
+        with contextlib.ExitStack() as stack:
+            adapted = stack.enter_context(models.adapted(inputs.model, adapter)) if adapter.is_dir() else inputs.model
+            unmerged_generation(adapted, inputs.tokenizer, articles, probes, outputs, logprobs)
+        free_memory()
     compare_paths(outputs, logprobs)
 
 

@@ -106,8 +106,7 @@ def _launches(config) -> list:
     def attend(dtype, device):
         if dtype in (torch.bfloat16, torch.float16) and head_dim_parts(head_dim) is not None:
             query = torch.zeros(_ROWS, heads, 1, head_dim, dtype=dtype, device=device)
-            keys = cache(dtype, device)
-            attend_filled_columns(query, keys, keys, torch.zeros_like(lengths(device)), lengths(device),
-                                  head_dim ** -0.5)
+            keys, used = cache(dtype, device), lengths(device)
+            attend_filled_columns(query, keys, keys, torch.zeros_like(used), used, head_dim ** -0.5)
 
     return [rotate, right_align, attend] if config.model_type == "phi" else [right_align, attend]
