@@ -1,6 +1,7 @@
 """What a process's first generation pays once: the `phi2` profile's generation path on the phi-2-shaped model (bf16,
 no adapter), several passes over the same 500 prompts in one process, each with its time per batch and the Triton
-kernels it compiled (the new entries in Triton's on-disk cache).
+kernels it compiled (the new entries in Triton's on-disk cache), and how long each kernel compiled ahead took and
+how long generation waited for it.
 
 On a CUDA machine, from the repository root with the project's dependencies installed:
 
@@ -74,6 +75,7 @@ def main() -> None:
         torch.cuda.synchronize()
         entry["load_seconds"] = round(time.perf_counter() - started, 1)
         entry["passes"] = [timed_pass(model, tokenizer, articles) for _ in range(args.passes)]
+    entry["kernels_ahead_seconds"] = kernels_ahead.seconds()
     print(json.dumps(entry), flush=True)
     output = args.output_dir / "h200-first-pass.json"
     output.parent.mkdir(parents=True, exist_ok=True)

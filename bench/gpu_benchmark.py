@@ -142,7 +142,8 @@ PATCHED_GENERATION_VARIANTS = {
     "merged_bf16_separate_gelu": (gelu_epilogue, "available", lambda: False),
     # prefill chunks written into the static cache by torch.gather instead of the Triton kernel
     "merged_bf16_gathered_prefill_writes": (static_decoding, "_HAS_TRITON", False),
-    # prefill in chunks of at most 32k or 64k padded tokens instead of 16k
+    # prefill in chunks of at most 8k, 32k or 64k padded tokens instead of 16k
+    "merged_bf16_prefill_8k": (static_decoding, "PREFILL_CHUNK_TOKENS", 8_192),
     "merged_bf16_prefill_32k": (static_decoding, "PREFILL_CHUNK_TOKENS", 32_768),
     "merged_bf16_prefill_64k": (static_decoding, "PREFILL_CHUNK_TOKENS", 65_536),
 }

@@ -24,7 +24,7 @@ versions it was verified against (`guards`).
 | `filled_columns`          | generation | decoding attends over each row's filled cache columns (CUDA)  |
 | `decode_attention_kernel` | generation | the split-KV Triton kernel behind `filled_columns`            |
 | `right_aligning_kernel`   | generation | the Triton kernel writing prefill chunks into the cache       |
-| `kernels_ahead`           | generation | generation's Triton kernels compiled while the model loads    |
+| `kernels_ahead`           | generation | Triton kernels compiled during the model's load and prefill   |
 | `shrinking_batch`         | generation | greedy steps on the dynamic cache for unstopped rows only     |
 | `batch_planning`          | generation | cost-model batch split within free memory (`batch_size: 0`)   |
 | `quick_gguf`              | model      | the GGUF conversion read by struct, not by gguf's reader      |
@@ -88,11 +88,11 @@ def for_training(base: PreTrainedModel, peft_model: PreTrainedModel, enabled: bo
 @contextlib.contextmanager
 def for_generation(model: PreTrainedModel, enabled: bool) -> Iterator[None]:
     """While inside, generation with `model` runs with the module-level speed-ups (`static_decoding`,
-    `shrinking_batch` and `batch_planning` are chosen per call by `generate`), once any kernels compiling ahead
-    have compiled."""
+    `shrinking_batch` and `batch_planning` are chosen per call by `generate`), once the prefill's kernels compiling
+    ahead have compiled (static decoding waits for its own before its first step)."""
     with contextlib.ExitStack() as stack:
         if enabled:
-            kernels_ahead.wait()
+            kernels_ahead.wait(*kernels_ahead.PREFILL_KERNELS)
             stack.enter_context(tanh_gelu.applied(model))
             stack.enter_context(fused_rotary.applied(model))
             stack.enter_context(fused_qkv.applied(model))  # after fused_rotary: it uses that attention's forward

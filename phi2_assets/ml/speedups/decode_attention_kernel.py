@@ -94,17 +94,34 @@ def attend_filled_columns(query: torch.Tensor, keys: torch.Tensor, values: torch
     [`starts[r]`, `starts[r] + used[r]`) (int32, on the device, so a recorded CUDA graph reads their new values).
     The head dim must have `head_dim_parts`."""
     rows, heads, _, head_dim = query.shape
+    splits = triton.cdiv(keys.shape[2], columns_per_split)
+    partial = attend_splits(query, keys, values, starts, used, scale, splits)
+    return combine_splits(*partial, query.new_empty(rows, 1, heads, head_dim))
+
+
+def attend_splits(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, starts: torch.Tensor,
+                  used: torch.Tensor, scale: float, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first kernel of `attend_filled_columns`, with the cache's columns cut into `splits`: per (row, head,
+    split), the weighted values (rows x heads x splits, head dim), the maximum score and the sum of weights, fp32."""
+    rows, heads, _, head_dim = query.shape
     low, high = head_dim_parts(head_dim)
     cache_length = keys.shape[2]
-    splits = triton.cdiv(cache_length, columns_per_split)
     span = triton.cdiv(triton.cdiv(cache_length, splits), BLOCK_COLUMNS) * BLOCK_COLUMNS
     partial_values = query.new_empty(rows * heads * splits, head_dim, dtype=torch.float32)
     partial_max = query.new_empty(rows * heads * splits, dtype=torch.float32)
     partial_sum = torch.empty_like(partial_max)
-    output = query.new_empty(rows, 1, heads, head_dim)
     _attend_split[(rows * heads, splits)](
         query.contiguous(), keys, values, starts, used, partial_values, partial_max, partial_sum, heads, cache_length,
         span, scale, HEAD_DIM=head_dim, LOW=low, HIGH=high, BLOCK_N=BLOCK_COLUMNS, num_warps=1)
+    return partial_values, partial_max, partial_sum
+
+
+def combine_splits(partial_values: torch.Tensor, partial_max: torch.Tensor, partial_sum: torch.Tensor,
+                   output: torch.Tensor) -> torch.Tensor:
+    """The second kernel of `attend_filled_columns`: `attend_splits`' results weighed together into `output`
+    (rows, 1, heads, head dim), which it returns."""
+    rows, _, heads, head_dim = output.shape
+    splits = partial_max.numel() // (rows * heads)
     _combine_splits[(rows * heads,)](
         partial_values, partial_max, partial_sum, output, splits, HEAD_DIM=head_dim,
         BLOCK_DIM=triton.next_power_of_2(head_dim),

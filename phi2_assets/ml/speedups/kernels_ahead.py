@@ -1,11 +1,13 @@
-"""Kernels ahead: generation's Triton kernels compiled in background threads while the model loads.
+"""Kernels ahead: generation's Triton kernels compiled in background threads while the model loads and prefills.
 
 What: Triton compiles a kernel the first time a process launches it, or loads it from its on-disk cache where an
 earlier process on the machine compiled it. On a fresh machine the compiles of the fused rotary, right-aligning and
 split-KV kernels fell inside the first batch of the first generation, the GPU waiting for them. `start(config,
 dtype)` launches each once on tiny tensors laid out as the model's attention lays them out (the same strides'
-divisibility, dtypes and head shapes, so Triton compiles the variants generation runs), one thread per kernel under
-a daemon thread, while the caller goes on loading the model; `wait()` joins them before generation's first batch.
+divisibility, dtypes and head shapes, so Triton compiles the variants generation runs), one thread per kernel,
+while the caller goes on loading the model. Generation waits for each kernel only where it first runs it: the
+prefill's kernels before the first prefill, the decoding kernels before the first decoding step, so the longest
+compile (the split-KV kernel's) goes on while the GPU runs the first batch's prefill.
 A kernel that fails to compile here fails where generation runs it, as without this module.
 When it pays: the first generation of a process on CUDA with Triton; on a machine whose on-disk cache holds the
 kernels, it loads them ahead instead.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import threading
+import time
 
 import torch
 
@@ -25,58 +28,72 @@ from phi2_assets.ml.speedups.batch_planning import attention_head_dim
 log = logging.getLogger(__name__)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _ROWS, _POSITIONS, _CACHE_COLUMNS = 2, 16, 64  # tiny, and multiples of 16 where the real ones are
-_pending: list[threading.Thread] = []
+PREFILL_KERNELS = ("rotate", "right_align")  # every forward rotates; a prefill writes the cache right-aligned
+DECODING_KERNELS = ("attend_splits", "combine_splits")  # a decoding step's attention over the filled columns
+_pending: dict[str, threading.Thread] = {}
+_seconds: dict[str, float] = {}  # per kernel: "<name>_compile" (in its thread) and "<name>_waited" (by generation)
+_driver_lock = threading.Lock()
+_driver_ready = False
 
 
 def start(config, dtype: torch.dtype) -> None:
     """Compile, in the background, the kernels generation runs for a model of `config` in `dtype` on CUDA."""
     if not (_HAS_TRITON and torch.cuda.is_available()):
         return
-    thread = threading.Thread(target=_compile_each, args=(config.get_text_config(), dtype, torch.cuda.current_device()),
-                              name="kernels-ahead", daemon=True)
-    thread.start()
-    _pending.append(thread)
-
-
-def wait() -> None:
-    """Returns once every compile `start` began has ended."""
-    while _pending:
-        _pending.pop().join()
-
-
-def _compile_each(config, dtype: torch.dtype, device: int) -> None:
-    """Triton compiles in C++ and in the assembler without the GIL, so one thread per kernel compiles them side by
-    side, once the driver's one-time set-up (which they share) is done."""
-    try:
-        import triton
-
-        with torch.cuda.device(device):
-            triton.runtime.driver.active.get_current_device()
-    except Exception as error:  # noqa: BLE001 - generation compiles the kernels where it runs them
-        log.warning("generation's kernels were not compiled ahead (%s); they compile on first use", error)
-        return
-    threads = [threading.Thread(target=_compile, args=(launch, dtype, device), name=f"kernels-ahead-{launch.__name__}")
-               for launch in _launches(config)]
-    for thread in threads:
+    text_config, device = config.get_text_config(), torch.cuda.current_device()
+    names = [*PREFILL_KERNELS, *DECODING_KERNELS] if text_config.model_type == "phi" else [
+        "right_align", *DECODING_KERNELS]
+    for name in names:
+        thread = threading.Thread(target=_compile, args=(name, text_config, dtype, device),
+                                  name=f"kernels-ahead-{name}", daemon=True)
         thread.start()
-    for thread in threads:
-        thread.join()
+        _pending[name] = thread
 
 
-def _compile(launch, dtype: torch.dtype, device: int) -> None:
+def wait(*names: str) -> None:
+    """Returns once the compiles `start` began of the kernels `names` (every kernel where none is named) have
+    ended."""
+    for name in names or list(_pending):
+        thread = _pending.pop(name, None)
+        if thread is not None:
+            started = time.perf_counter()
+            thread.join()
+            _seconds[f"{name}_waited"] = round(time.perf_counter() - started, 3)
+
+
+def seconds() -> dict[str, float]:
+    """How long each kernel took to compile in its thread, and how long generation waited for it."""
+    return dict(_seconds)
+
+
+def _set_up_driver(device: int) -> None:
+    """Triton's one-time driver set-up (which builds a module of its own), done by the first thread to get here."""
+    global _driver_ready
+    with _driver_lock:
+        if not _driver_ready:
+            import triton
+
+            with torch.cuda.device(device):
+                triton.runtime.driver.active.get_current_device()
+            _driver_ready = True
+
+
+def _compile(name: str, config, dtype: torch.dtype, device: int) -> None:
+    """Triton compiles in C++ and in the assembler without the GIL, so the threads compile side by side."""
+    started = time.perf_counter()
     try:
+        _set_up_driver(device)
         with torch.inference_mode(), torch.cuda.device(device):
-            launch(dtype, torch.device("cuda", device))
+            _launches(config)[name](dtype, torch.device("cuda", device))
             torch.cuda.current_stream().synchronize()
     except Exception as error:  # noqa: BLE001 - generation compiles the kernel where it runs it
-        log.warning("a generation kernel was not compiled ahead (%s); it compiles on first use", error)
+        log.warning("generation's %s kernel was not compiled ahead (%s); it compiles on first use", name, error)
+    _seconds[f"{name}_compile"] = round(time.perf_counter() - started, 3)
 
 
-def _launches(config) -> list:
-    """One launch per kernel (the split-KV kernel and its combining step together), each on tiny tensors laid out
-    as generation lays them out for `config`."""
-    from phi2_assets.ml.speedups import fused_rotary_kernel, right_aligning_kernel
-    from phi2_assets.ml.speedups.decode_attention_kernel import attend_filled_columns
+def _launches(config) -> dict:
+    """Per kernel name, a launch of it on tiny tensors laid out as generation lays them out for `config`."""
+    from phi2_assets.ml.speedups import decode_attention_kernel, fused_rotary_kernel, right_aligning_kernel
     from phi2_assets.ml.speedups.filled_columns import head_dim_parts
 
     heads, head_dim = config.num_attention_heads, attention_head_dim(config)
@@ -92,6 +109,9 @@ def _launches(config) -> list:
     def lengths(device):
         return torch.full((_ROWS,), _POSITIONS, dtype=torch.int32, device=device)
 
+    def decodes(dtype):  # where the split-KV kernel is not used, decoding attends under the mask
+        return dtype in (torch.bfloat16, torch.float16) and head_dim_parts(head_dim) is not None
+
     def rotate(dtype, device):  # with PhiAttention's rotary dims
         rotary = int(head_dim * config.rope_parameters["partial_rotary_factor"])
         angles = torch.zeros(_ROWS, _POSITIONS, rotary, dtype=dtype, device=device)
@@ -103,10 +123,19 @@ def _launches(config) -> list:
         for states in (key.contiguous(), value):
             right_aligning_kernel.right_align(states, cache(dtype, device), lengths(device), 0)
 
-    def attend(dtype, device):
-        if dtype in (torch.bfloat16, torch.float16) and head_dim_parts(head_dim) is not None:
+    def attend_splits(dtype, device):
+        if decodes(dtype):
             query = torch.zeros(_ROWS, heads, 1, head_dim, dtype=dtype, device=device)
             keys, used = cache(dtype, device), lengths(device)
-            attend_filled_columns(query, keys, keys, torch.zeros_like(used), used, head_dim ** -0.5)
+            decode_attention_kernel.attend_splits(query, keys, keys, torch.zeros_like(used), used, head_dim ** -0.5,
+                                                  splits=1)
 
-    return [rotate, right_align, attend] if config.model_type == "phi" else [right_align, attend]
+    def combine_splits(dtype, device):  # one split: the block of splits caches of up to 2,048 columns share
+        if decodes(dtype):
+            partial_max = torch.zeros(_ROWS * heads, dtype=torch.float32, device=device)
+            decode_attention_kernel.combine_splits(
+                torch.zeros(_ROWS * heads, head_dim, dtype=torch.float32, device=device), partial_max,
+                torch.ones_like(partial_max), torch.empty(_ROWS, 1, heads, head_dim, dtype=dtype, device=device))
+
+    return {"rotate": rotate, "right_align": right_align, "attend_splits": attend_splits,
+            "combine_splits": combine_splits}

@@ -28,7 +28,7 @@ import torch
 from torch.nn.attention import sdpa_kernel
 from transformers import DynamicCache, PreTrainedModel, StaticCache
 
-from phi2_assets.ml.speedups import filled_columns, guards
+from phi2_assets.ml.speedups import filled_columns, guards, kernels_ahead
 from phi2_assets.ml.speedups.right_padded_sdpa import CAUSAL_SDPA_KERNELS
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,9 @@ def greedy_static(
     `prefill_chunk_tokens` padded tokens (default `PREFILL_CHUNK_TOKENS`)."""
     cache = StaticCache(config=model.config, max_cache_len=cache_length)
     lengths = attention_mask.sum(-1)
-    logits = _prefill(model, input_ids, lengths, cache, prefill_chunk_tokens or PREFILL_CHUNK_TOKENS)
+    # before the prefill: copying from the host waits for the GPU, and the prefill should run behind the host
     stops = torch.tensor(list(stop_ids), device=input_ids.device)
+    logits = _prefill(model, input_ids, lengths, cache, prefill_chunk_tokens or PREFILL_CHUNK_TOKENS)
     logits[:, stops] = torch.finfo(logits.dtype).min  # no summary may end before it starts
     first_ids = logits.argmax(-1)
     attend_filled = filled_columns.available(model)
@@ -87,6 +88,8 @@ def _decode(model, first_ids: torch.Tensor, attention_mask: torch.Tensor, length
     filled = (filled_columns.FilledColumns.after_prompts(lengths, columns)
               if attend_filled else None)
     attending = {"filled_columns": filled} if filled is not None else {}
+    if attend_filled:  # the first batch's prefill runs on the GPU meanwhile
+        kernels_ahead.wait(*kernels_ahead.DECODING_KERNELS)
 
     def step() -> torch.Tensor:
         return model(input_ids=step_ids, attention_mask=step_mask, position_ids=step_positions, cache=cache,
