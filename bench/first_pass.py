@@ -6,7 +6,7 @@ how long generation waited for it.
 On a CUDA machine, from the repository root with the project's dependencies installed:
 
     TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=. python bench/first_pass.py --label cold [--passes 2]
-        [--without kernels_ahead|libraries_ahead|merged_bf16_separate_gelu|...] [--output-dir data/bench]
+        [--without kernels_ahead|merged_bf16_separate_gelu|...] [--output-dir data/bench]
 
 A second process with the same TRITON_CACHE_DIR finds every kernel compiled, as a machine's second generation run
 does. Appends one entry per process to <output-dir>/h200-first-pass.json.
@@ -52,10 +52,6 @@ def without(name: str | None):
     """The benchmark's patch for that variant, or one that keeps kernels from compiling ahead."""
     if name == "kernels_ahead":
         return unittest.mock.patch.object(kernels_ahead, "start", lambda config, dtype: None)
-    if name == "libraries_ahead":
-        compile_kernel = kernels_ahead._compile
-        return unittest.mock.patch.object(kernels_ahead, "_compile", lambda kernel, *args: None if (
-            kernel == kernels_ahead.LIBRARIES) else compile_kernel(kernel, *args))
     return unittest.mock.patch.object(*bench.PATCHED_GENERATION_VARIANTS[name]) if name else contextlib.nullcontext()
 
 
@@ -63,10 +59,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True, help="the name of this process's entry")
     parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--without", choices=[*bench.PATCHED_GENERATION_VARIANTS, "kernels_ahead", "libraries_ahead"],
-                        default=None, help="one generation speed-up turned off, as the benchmark's variant of that "
-                        "name, the kernels compiled while the model loads, or only cuBLAS's and flash attention's "
-                        "first calls made then")
+    parser.add_argument("--without", choices=[*bench.PATCHED_GENERATION_VARIANTS, "kernels_ahead"], default=None,
+                        help="one generation speed-up turned off, as the benchmark's variant of that name, or the "
+                             "kernels compiled while the model loads")
     gpu_metrics.add_common_arguments(parser)
     args = parser.parse_args()
     bench.OUTPUT_DIR = args.output_dir

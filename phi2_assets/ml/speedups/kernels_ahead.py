@@ -30,9 +30,6 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 _ROWS, _POSITIONS, _CACHE_COLUMNS = 2, 16, 64  # tiny, and multiples of 16 where the real ones are
 PREFILL_KERNELS = ("rotate", "right_align")  # every forward rotates; a prefill writes the cache right-aligned
 DECODING_KERNELS = ("attend_splits", "combine_splits")  # a decoding step's attention over the filled columns
-# cuBLAS's and flash attention's first calls in a process (handles, workspaces, kernels loaded on first use): no
-# compile, so generation never waits for it
-LIBRARIES = "libraries"
 _pending: dict[str, threading.Thread] = {}
 _seconds: dict[str, float] = {}  # per kernel: "<name>_compile" (in its thread) and "<name>_waited" (by generation)
 _driver_lock = threading.Lock()
@@ -44,8 +41,8 @@ def start(config, dtype: torch.dtype) -> None:
     if not (_HAS_TRITON and torch.cuda.is_available()):
         return
     text_config, device = config.get_text_config(), torch.cuda.current_device()
-    names = [*PREFILL_KERNELS, *DECODING_KERNELS, LIBRARIES] if text_config.model_type == "phi" else [
-        "right_align", *DECODING_KERNELS, LIBRARIES]
+    names = [*PREFILL_KERNELS, *DECODING_KERNELS] if text_config.model_type == "phi" else [
+        "right_align", *DECODING_KERNELS]
     for name in names:
         thread = threading.Thread(target=_compile, args=(name, text_config, dtype, device),
                                   name=f"kernels-ahead-{name}", daemon=True)
@@ -85,8 +82,7 @@ def _compile(name: str, config, dtype: torch.dtype, device: int) -> None:
     """Triton compiles in C++ and in the assembler without the GIL, so the threads compile side by side."""
     started = time.perf_counter()
     try:
-        if name != LIBRARIES:
-            _set_up_driver(device)
+        _set_up_driver(device)
         with torch.inference_mode(), torch.cuda.device(device):
             _launches(config)[name](dtype, torch.device("cuda", device))
             torch.cuda.current_stream().synchronize()
@@ -141,16 +137,5 @@ def _launches(config) -> dict:
                 torch.zeros(_ROWS * heads, head_dim, dtype=torch.float32, device=device), partial_max,
                 torch.ones_like(partial_max), torch.empty(_ROWS, 1, heads, head_dim, dtype=dtype, device=device))
 
-    def libraries(dtype, device):  # the matmuls with a bias, with the GELU epilogue, causal flash attention
-        hidden = config.hidden_size
-        states = torch.zeros(_POSITIONS, hidden, dtype=dtype, device=device)
-        weight = torch.zeros(hidden, hidden, dtype=dtype, device=device)
-        bias = torch.zeros(hidden, dtype=dtype, device=device)
-        torch.addmm(bias, states, weight.t())
-        if dtype in (torch.bfloat16, torch.float16):
-            torch._addmm_activation(bias, states, weight.t(), use_gelu=True)
-            query, _, _ = projected(dtype, device)  # the flash op itself: `sdpa_kernel` sets flags every thread reads
-            torch.ops.aten._scaled_dot_product_flash_attention(query, query, query, 0.0, True)
-
     return {"rotate": rotate, "right_align": right_align, "attend_splits": attend_splits,
-            "combine_splits": combine_splits, LIBRARIES: libraries}
+            "combine_splits": combine_splits}
