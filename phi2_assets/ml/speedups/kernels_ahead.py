@@ -41,8 +41,9 @@ def start(config, dtype: torch.dtype) -> None:
     if not (_HAS_TRITON and torch.cuda.is_available()):
         return
     text_config, device = config.get_text_config(), torch.cuda.current_device()
-    names = [*PREFILL_KERNELS, *DECODING_KERNELS] if text_config.model_type == "phi" else [
-        "right_align", *DECODING_KERNELS]
+    names = [*PREFILL_KERNELS, *DECODING_KERNELS]
+    if text_config.model_type != "phi":  # fused rotary is Phi's attention only
+        names.remove("rotate")
     for name in names:
         thread = threading.Thread(target=_compile, args=(name, text_config, dtype, device),
                                   name=f"kernels-ahead-{name}", daemon=True)
