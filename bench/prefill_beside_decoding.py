@@ -22,7 +22,6 @@ import unittest.mock
 from pathlib import Path
 
 import torch
-from transformers import StaticCache
 
 from bench import gpu_benchmark as bench
 from bench.phi2_shape import synthetic_articles
@@ -52,11 +51,8 @@ class Batch:
         self.cache_length = batch_planning.cache_length(self.ids.shape[1], SETTINGS.max_new_tokens)
 
     def prefill(self) -> None:
-        self.cache = StaticCache(config=self.model.config, max_cache_len=self.cache_length)
-        self.lengths = self.mask.sum(-1)
-        logits = static_decoding._prefill(self.model, self.ids, self.lengths, self.cache,
-                                          static_decoding.PREFILL_CHUNK_TOKENS)
-        self.first_ids = logits.argmax(-1)
+        self.cache, self.lengths, self.first_ids = static_decoding.prefilled(
+            self.model, self.ids, self.mask, self.cache_length, self.stops, static_decoding.PREFILL_CHUNK_TOKENS)
 
     def decode(self) -> None:
         static_decoding._decode(self.model, self.first_ids, self.mask, self.lengths, self.cache, self.cache_length,

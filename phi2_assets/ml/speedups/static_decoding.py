@@ -61,17 +61,25 @@ def greedy_static(
     `model.generate(do_sample=False, min_new_tokens=1)` gives, up to each row's first stop token (a stopped row
     keeps decoding until all have stopped; what follows its stop token means nothing). Prefill chunks hold at most
     `prefill_chunk_tokens` padded tokens (default `PREFILL_CHUNK_TOKENS`)."""
-    cache = StaticCache(config=model.config, max_cache_len=cache_length)
-    lengths = attention_mask.sum(-1)
     # before the prefill: copying from the host waits for the GPU, and the prefill should run behind the host
     stops = torch.tensor(list(stop_ids), device=input_ids.device)
-    logits = _prefill(model, input_ids, lengths, cache, prefill_chunk_tokens or PREFILL_CHUNK_TOKENS)
-    logits[:, stops] = torch.finfo(logits.dtype).min  # no summary may end before it starts
-    first_ids = logits.argmax(-1)
+    cache, lengths, first_ids = prefilled(model, input_ids, attention_mask, cache_length, stops,
+                                          prefill_chunk_tokens or PREFILL_CHUNK_TOKENS)
     attend_filled = filled_columns.available(model)
     with filled_columns.applied(model) if attend_filled else contextlib.nullcontext():
         return _decode(model, first_ids, attention_mask, lengths, cache, cache_length, max_new_tokens, stops,
                        cuda_graph, attend_filled)
+
+
+def prefilled(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_length: int,
+              stops: torch.Tensor, chunk_tokens: int) -> tuple[StaticCache, torch.Tensor, torch.Tensor]:
+    """The prefill of a left-padded batch: its static cache holding the prompts, each row's prompt length, and each
+    row's first new token (never one of `stops`: no summary may end before it starts)."""
+    cache = StaticCache(config=model.config, max_cache_len=cache_length)
+    lengths = attention_mask.sum(-1)
+    logits = _prefill(model, input_ids, lengths, cache, chunk_tokens)
+    logits[:, stops] = torch.finfo(logits.dtype).min
+    return cache, lengths, logits.argmax(-1)
 
 
 def _decode(model, first_ids: torch.Tensor, attention_mask: torch.Tensor, lengths: torch.Tensor, cache: StaticCache,
