@@ -6,10 +6,14 @@ how long generation waited for it.
 On a CUDA machine, from the repository root with the project's dependencies installed:
 
     TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=. python bench/first_pass.py --label cold [--passes 2]
-        [--without kernels_ahead|merged_bf16_separate_gelu|...] [--output-dir data/bench]
+        [--without kernels_ahead|merged_bf16_separate_gelu|...] [--reserve-share 0.6 | --busy-seconds 1]
+        [--output-dir data/bench]
 
 A second process with the same TRITON_CACHE_DIR finds every kernel compiled, as a machine's second generation run
-does. Appends one entry per process to <output-dir>/h200-first-pass.json.
+does. `--reserve-share` has PyTorch's allocator take that share of the free memory (the batch planner's) after the
+load and free it again, so the first batch's cache finds it reserved; `--busy-seconds` keeps the GPU computing that
+long after the load, so the first batch meets its clocks raised. Appends one entry per process to
+<output-dir>/h200-first-pass.json.
 """
 
 from __future__ import annotations
@@ -45,7 +49,29 @@ def timed_pass(model, tokenizer, articles: list[str]) -> dict:
     return {"per_s": round(result.summaries_per_second, 1), "seconds": round(result.seconds, 3),
             "batches": result.batch_sizes, "batch_seconds": [round(s, 3) for s in result.batch_seconds],
             "outside_batches_seconds": round(result.seconds - sum(result.batch_seconds), 3),
-            "nonempty_rate": result.success_rate, "kernels_compiled": cache_entries() - before}
+            "nonempty_rate": result.success_rate, "kernels_compiled": cache_entries() - before,
+            "reserved_gib": gpu_metrics.gib(torch.cuda.memory_reserved())}
+
+
+def reserve(share: float) -> float:
+    """Seconds PyTorch's allocator took to reserve `share` of the free device memory (kept cached once freed)."""
+    started = time.perf_counter()
+    block = torch.empty(int(torch.cuda.mem_get_info()[0] * share), dtype=torch.uint8, device="cuda")
+    del block
+    torch.cuda.synchronize()
+    return round(time.perf_counter() - started, 3)
+
+
+def keep_busy(seconds: float) -> int:
+    """Matmuls of 8192-cubes for about `seconds` of GPU time; how many ran."""
+    a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for _ in range(10):
+            a @ a
+        runs += 10
+        torch.cuda.synchronize()
+    return runs
 
 
 def without(name: str | None):
@@ -62,18 +88,27 @@ def main() -> None:
     parser.add_argument("--without", choices=[*bench.PATCHED_GENERATION_VARIANTS, "kernels_ahead"], default=None,
                         help="one generation speed-up turned off, as the benchmark's variant of that name, or the "
                              "kernels compiled while the model loads")
+    parser.add_argument("--reserve-share", type=float, default=None,
+                        help="reserve this share of the free device memory in PyTorch's allocator after the load")
+    parser.add_argument("--busy-seconds", type=float, default=None,
+                        help="keep the GPU computing this long after the load")
     gpu_metrics.add_common_arguments(parser)
     args = parser.parse_args()
     bench.OUTPUT_DIR = args.output_dir
     spec, model_dir, tokenizer = bench.phi2_shape_checkpoint()
     articles = synthetic_articles(bench.MERGED_ARTICLES)
     entry = {"label": args.label, "commit": gpu_metrics.commit(args.commit), "without": args.without,
+             "reserve_share": args.reserve_share, "busy_seconds": args.busy_seconds,
              "cached_kernels_at_start": cache_entries()}
     with without(args.without):
         started = time.perf_counter()
         model = generate.load_merged_bf16(dataclasses.replace(spec, load_in_4bit=False), model_dir, None)
         torch.cuda.synchronize()
         entry["load_seconds"] = round(time.perf_counter() - started, 1)
+        if args.reserve_share:
+            entry["reserve_seconds"] = reserve(args.reserve_share)
+        if args.busy_seconds:
+            entry["busy_matmuls"] = keep_busy(args.busy_seconds)
         entry["passes"] = [timed_pass(model, tokenizer, articles) for _ in range(args.passes)]
     entry["kernels_ahead_seconds"] = kernels_ahead.seconds()
     print(json.dumps(entry), flush=True)
