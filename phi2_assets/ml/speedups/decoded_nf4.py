@@ -69,8 +69,10 @@ if Linear4bit is not None:
 
 
 def _free_bytes(device: torch.device) -> int:
+    """What the device has free, counting what PyTorch's allocator holds cached but unused (e.g. a generation's)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+                - torch.cuda.memory_allocated(device))
     return psutil.virtual_memory().available
 
 
