@@ -1,12 +1,12 @@
 """What a process's first generation pays once: the `phi2` profile's generation path on the phi-2-shaped model (bf16,
 no adapter), several passes over the same 500 prompts in one process, each with its time per batch and the Triton
-kernels it compiled (the new entries in Triton's on-disk cache), and how long each kernel compiled ahead, and the
-memory reserved ahead, took and how long generation waited for them.
+kernels it compiled (the new entries in Triton's on-disk cache), and how long each kernel compiled ahead took and
+how long generation waited for it.
 
 On a CUDA machine, from the repository root with the project's dependencies installed:
 
     TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=. python bench/first_pass.py --label cold [--passes 2]
-        [--without kernels_ahead|memory_ahead|merged_bf16_separate_gelu|...] [--reserve-share 0.6 | --busy-seconds 1]
+        [--without kernels_ahead|merged_bf16_separate_gelu|...] [--reserve-share 0.6 | --busy-seconds 1]
         [--output-dir data/bench]
 
 A second process with the same TRITON_CACHE_DIR finds every kernel compiled, as a machine's second generation run
@@ -33,7 +33,7 @@ from bench import gpu_benchmark as bench
 from bench import gpu_metrics
 from bench.phi2_shape import synthetic_articles
 from phi2_assets.ml import generate
-from phi2_assets.ml.speedups import kernels_ahead, memory_ahead
+from phi2_assets.ml.speedups import kernels_ahead
 from phi2_assets.profiles import PROFILES
 
 
@@ -78,8 +78,6 @@ def without(name: str | None):
     """The benchmark's patch for that variant, or one that keeps kernels from compiling ahead."""
     if name == "kernels_ahead":
         return unittest.mock.patch.object(kernels_ahead, "start", lambda config, dtype: None)
-    if name == "memory_ahead":
-        return unittest.mock.patch.object(memory_ahead, "start", lambda device: None)
     return unittest.mock.patch.object(*bench.PATCHED_GENERATION_VARIANTS[name]) if name else contextlib.nullcontext()
 
 
@@ -87,10 +85,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", required=True, help="the name of this process's entry")
     parser.add_argument("--passes", type=int, default=2)
-    parser.add_argument("--without", default=None,
-                        choices=[*bench.PATCHED_GENERATION_VARIANTS, "kernels_ahead", "memory_ahead"],
+    parser.add_argument("--without", choices=[*bench.PATCHED_GENERATION_VARIANTS, "kernels_ahead"], default=None,
                         help="one generation speed-up turned off, as the benchmark's variant of that name, or the "
-                             "kernels compiled or the memory reserved while the model loads")
+                             "kernels compiled while the model loads")
     parser.add_argument("--reserve-share", type=float, default=None,
                         help="reserve this share of the free device memory in PyTorch's allocator after the load")
     parser.add_argument("--busy-seconds", type=float, default=None,
@@ -114,7 +111,6 @@ def main() -> None:
             entry["busy_matmuls"] = keep_busy(args.busy_seconds)
         entry["passes"] = [timed_pass(model, tokenizer, articles) for _ in range(args.passes)]
     entry["kernels_ahead_seconds"] = kernels_ahead.seconds()
-    entry["memory_ahead_seconds"] = memory_ahead.seconds()
     print(json.dumps(entry), flush=True)
     output = args.output_dir / "h200-first-pass.json"
     output.parent.mkdir(parents=True, exist_ok=True)

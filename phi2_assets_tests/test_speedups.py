@@ -18,7 +18,6 @@ from trl import SFTConfig
 from phi2_assets.ml import sources
 from phi2_assets.ml.generate import GenerationSettings, _generation_config, generate_summaries, stop_token_ids
 from phi2_assets.ml.speedups import (
-    batch_planning,
     decoded_nf4,
     filled_columns,
     fused_qkv,
@@ -28,7 +27,6 @@ from phi2_assets.ml.speedups import (
     kept_logits_cpu,
     kernels_ahead,
     lean_lora,
-    memory_ahead,
     tanh_gelu,
     trainer_class,
 )
@@ -225,19 +223,6 @@ def test_kernels_compile_ahead_for_phi_2s_attention_without_a_warning(caplog):
     assert not caplog.records
     compiled = {name for name in kernels_ahead.seconds() if name.endswith("_compile")}
     assert compiled == {f"{name}_compile" for name in (*kernels_ahead.PREFILL_KERNELS, *kernels_ahead.DECODING_KERNELS)}
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="memory is reserved ahead on CUDA")
-def test_memory_reserved_ahead_leaves_the_batch_planners_budget_as_it_was():
-    device = torch.device("cuda", torch.cuda.current_device())
-    torch.cuda.empty_cache()
-    budget = batch_planning.memory_budget(device)
-    memory_ahead.start(device)
-    memory_ahead.wait()
-    assert "reserve" in memory_ahead.seconds()
-    assert torch.cuda.memory_reserved(device) >= 0.99 * budget  # cached for the batches, not handed back
-    assert batch_planning.memory_budget(device) == pytest.approx(budget, rel=0.01)
-    torch.cuda.empty_cache()
 
 
 def lm_head_figures(function, hidden, weight, targets, scales, outputs=("log_probs", "entropy", "is_top1")):

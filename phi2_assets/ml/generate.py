@@ -22,7 +22,7 @@ from transformers import AutoConfig, GenerationConfig, PreTrainedModel, PreTrain
 from phi2_assets.ml import models, speedups
 from phi2_assets.ml.prompts import TEMPLATES, split_template
 from phi2_assets.ml.settings import documented
-from phi2_assets.ml.speedups import batch_planning, kernels_ahead, memory_ahead, shrinking_batch, static_decoding
+from phi2_assets.ml.speedups import batch_planning, kernels_ahead, shrinking_batch, static_decoding
 from phi2_assets.ml.tokenization import encode_prompts
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,6 @@ def generate_summaries(
     lengths = [len(p) for p in prompts]
     order = (sorted(range(len(prompts)), key=lengths.__getitem__) if settings.sort_by_length
              else list(range(len(prompts))))
-    if settings.speedups:
-        memory_ahead.wait()  # the planner reads free memory
     batches = _batches(model, lengths, order, settings)
     stop_ids = stop_token_ids(tokenizer, model)
     config = _generation_config(settings, stop_ids, tokenizer.pad_token_id)
@@ -300,11 +298,10 @@ def load_merged_bf16(spec: models.ModelSpec, model_dir: str, adapter_path: str |
     dequantisation per decoding step. Where the base trains in 4-bit, the copy is the NF4 weights dequantized to
     bf16, the very weights the adapter was trained against: closer to 4-bit + LoRA than a merge into the original
     bf16 checkpoint (docs/PERFORMANCE.md, "Merged bf16 evaluation"). With `speedups`, generation's kernels compile
-    in the background meanwhile (`kernels_ahead`) and generation's memory is reserved (`memory_ahead`)."""
+    in the background meanwhile (`kernels_ahead`)."""
     precision = spec.precision()
     if speedups and precision.device == "cuda":
         kernels_ahead.start(AutoConfig.from_pretrained(model_dir), torch.bfloat16)
-        memory_ahead.start(torch.device("cuda", torch.cuda.current_device()))
     model = models.load_model(spec, model_dir, precision)
     if precision.quantized_4bit:
         model = model.dequantize(dtype=torch.bfloat16)

@@ -25,7 +25,6 @@ versions it was verified against (`guards`).
 | `decode_attention_kernel` | generation | the split-KV Triton kernel behind `filled_columns`            |
 | `right_aligning_kernel`   | generation | the Triton kernel writing prefill chunks into the cache       |
 | `kernels_ahead`           | generation | Triton kernels compiled during the model's load and prefill   |
-| `memory_ahead`            | generation | the batches' memory reserved in the allocator during the load |
 | `shrinking_batch`         | generation | greedy steps on the dynamic cache for unstopped rows only     |
 | `batch_planning`          | generation | cost-model batch split within free memory (`batch_size: 0`)   |
 | `quick_gguf`              | model      | the GGUF conversion read by struct, not by gguf's reader      |

@@ -53,11 +53,11 @@ def bytes_per_token(model: PreTrainedModel, num_beams: int) -> int:
     return (kv_bytes_per_token(model) + 8 * hidden) * num_beams
 
 
-def memory_budget(device: torch.device) -> int:
+def generation_memory_budget(model: PreTrainedModel) -> int:
     """Bytes one batch's KV cache and prefill activations may take: a share of what is free on the device,
     counting memory PyTorch's allocator holds cached but unused (an earlier batch's cache) as free."""
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    free, _ = torch.cuda.mem_get_info(model.device)
+    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
     return int(free * _FREE_MEMORY_SHARE)
 
 
@@ -68,7 +68,7 @@ def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence
     weight_read = model.get_memory_footprint() / _CACHE_BYTES_PER_SECOND
     return quickest_batches(
         lengths, order, max_new_tokens,
-        token_slots=memory_budget(model.device) // bytes_per_token(model, num_beams),
+        token_slots=generation_memory_budget(model) // bytes_per_token(model, num_beams),
         prefill_cost=0.0 if chunked_prefill else 2 * model.num_parameters() / _PREFILL_FLOPS_PER_SECOND,
         step_cost=_GRAPHED_STEP_OVER_WEIGHT_READ * weight_read if graphed_steps else _EAGER_STEP_SECONDS,
         cache_cost=kv_bytes_per_token(model) * num_beams / _CACHE_BYTES_PER_SECOND,
