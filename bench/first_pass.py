@@ -63,7 +63,7 @@ def reserve(share: float) -> float:
 
 
 def keep_busy(seconds: float) -> int:
-    """Matmuls of 8192-cubes for about `seconds` of GPU time; how many ran."""
+    """Matmuls of 8192-cubes, one after another for about `seconds`; how many ran."""
     a = torch.randn(8192, 8192, dtype=torch.bfloat16, device="cuda")
     runs, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
