@@ -6,12 +6,12 @@ how long generation waited for it.
 On a CUDA machine, from the repository root with the project's dependencies installed:
 
     TRITON_CACHE_DIR=$(mktemp -d) PYTHONPATH=. python bench/first_pass.py --label cold [--passes 2]
-        [--without kernels_ahead|merged_bf16_separate_gelu|...] [--reserve-share 0.6 | --busy-seconds 1]
+        [--without kernels_ahead|merged_bf16_separate_gelu|...] [--reserve-budget | --busy-seconds 1]
         [--output-dir data/bench]
 
 A second process with the same TRITON_CACHE_DIR finds every kernel compiled, as a machine's second generation run
-does. `--reserve-share` has PyTorch's allocator take that share of the free memory (the batch planner's) after the
-load and free it again, so the first batch's cache finds it reserved; `--busy-seconds` keeps the GPU computing that
+does. `--reserve-budget` has PyTorch's allocator take the batch planner's memory budget after the load and free
+it again, so the first batch's cache finds it reserved; `--busy-seconds` keeps the GPU computing that
 long after the load, so the first batch meets its clocks raised. Appends one entry per process to
 <output-dir>/h200-first-pass.json.
 """
@@ -33,7 +33,7 @@ from bench import gpu_benchmark as bench
 from bench import gpu_metrics
 from bench.phi2_shape import synthetic_articles
 from phi2_assets.ml import generate
-from phi2_assets.ml.speedups import kernels_ahead
+from phi2_assets.ml.speedups import batch_planning, kernels_ahead
 from phi2_assets.profiles import PROFILES
 
 
@@ -53,10 +53,10 @@ def timed_pass(model, tokenizer, articles: list[str]) -> dict:
             "reserved_gib": gpu_metrics.gib(torch.cuda.memory_reserved())}
 
 
-def reserve(share: float) -> float:
-    """Seconds PyTorch's allocator took to reserve `share` of the free device memory (kept cached once freed)."""
+def reserve(model) -> float:
+    """Seconds PyTorch's allocator took to reserve the batch planner's memory budget (kept cached once freed)."""
     started = time.perf_counter()
-    block = torch.empty(int(torch.cuda.mem_get_info()[0] * share), dtype=torch.uint8, device="cuda")
+    block = torch.empty(batch_planning.generation_memory_budget(model), dtype=torch.uint8, device=model.device)
     del block
     torch.cuda.synchronize()
     return round(time.perf_counter() - started, 3)
@@ -88,8 +88,8 @@ def main() -> None:
     parser.add_argument("--without", choices=[*bench.PATCHED_GENERATION_VARIANTS, "kernels_ahead"], default=None,
                         help="one generation speed-up turned off, as the benchmark's variant of that name, or the "
                              "kernels compiled while the model loads")
-    parser.add_argument("--reserve-share", type=float, default=None,
-                        help="reserve this share of the free device memory in PyTorch's allocator after the load")
+    parser.add_argument("--reserve-budget", action="store_true",
+                        help="reserve the batch planner's memory budget in PyTorch's allocator after the load")
     parser.add_argument("--busy-seconds", type=float, default=None,
                         help="keep the GPU computing this long after the load")
     gpu_metrics.add_common_arguments(parser)
@@ -98,15 +98,15 @@ def main() -> None:
     spec, model_dir, tokenizer = bench.phi2_shape_checkpoint()
     articles = synthetic_articles(bench.MERGED_ARTICLES)
     entry = {"label": args.label, "commit": gpu_metrics.commit(args.commit), "without": args.without,
-             "reserve_share": args.reserve_share, "busy_seconds": args.busy_seconds,
+             "reserve_budget": args.reserve_budget, "busy_seconds": args.busy_seconds,
              "cached_kernels_at_start": cache_entries()}
     with without(args.without):
         started = time.perf_counter()
         model = generate.load_merged_bf16(dataclasses.replace(spec, load_in_4bit=False), model_dir, None)
         torch.cuda.synchronize()
         entry["load_seconds"] = round(time.perf_counter() - started, 1)
-        if args.reserve_share:
-            entry["reserve_seconds"] = reserve(args.reserve_share)
+        if args.reserve_budget:
+            entry["reserve_seconds"] = reserve(model)
         if args.busy_seconds:
             entry["busy_matmuls"] = keep_busy(args.busy_seconds)
         entry["passes"] = [timed_pass(model, tokenizer, articles) for _ in range(args.passes)]

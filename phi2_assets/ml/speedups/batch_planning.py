@@ -53,12 +53,16 @@ def bytes_per_token(model: PreTrainedModel, num_beams: int) -> int:
     return (kv_bytes_per_token(model) + 8 * hidden) * num_beams
 
 
+def free_cuda_bytes(device: torch.device) -> int:
+    """What the CUDA device has free, counting memory PyTorch's allocator holds cached but unused (an earlier
+    batch's cache) as free."""
+    return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
+            - torch.cuda.memory_allocated(device))
+
+
 def generation_memory_budget(model: PreTrainedModel) -> int:
-    """Bytes one batch's KV cache and prefill activations may take: a share of what is free on the device,
-    counting memory PyTorch's allocator holds cached but unused (an earlier batch's cache) as free."""
-    free, _ = torch.cuda.mem_get_info(model.device)
-    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
-    return int(free * _FREE_MEMORY_SHARE)
+    """Bytes one batch's KV cache and prefill activations may take: a share of what is free on the device."""
+    return int(free_cuda_bytes(model.device) * _FREE_MEMORY_SHARE)
 
 
 def plan_batches(model: PreTrainedModel, lengths: Sequence[int], order: Sequence[int], max_new_tokens: int,

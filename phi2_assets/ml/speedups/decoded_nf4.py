@@ -23,7 +23,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from phi2_assets.ml.speedups import guards
+from phi2_assets.ml.speedups import batch_planning, guards
 
 log = logging.getLogger(__name__)
 # Free device memory that must remain after decoding, as a share of the decoded bytes: room for the steps' own peaks.
@@ -69,10 +69,10 @@ if Linear4bit is not None:
 
 
 def _free_bytes(device: torch.device) -> int:
-    """What the device has free, counting what PyTorch's allocator holds cached but unused (e.g. a generation's)."""
+    """What the device has free, on CUDA counting what PyTorch's allocator holds cached but unused (e.g. a
+    generation's)."""
     if device.type == "cuda":
-        return (torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
-                - torch.cuda.memory_allocated(device))
+        return batch_planning.free_cuda_bytes(device)
     return psutil.virtual_memory().available
 
 
