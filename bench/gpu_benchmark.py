@@ -3,10 +3,11 @@
 A Phi-2-shaped model with random weights (bench/phi2_shape.py) is saved as safetensors and loaded by
 `models.load_model` in 4-bit NF4, trained by `train.train_lora` and sampled by `generate.generate_summaries`
 (4-bit + LoRA through `models.adapted`, the adapter merged into bf16 through `generate.load_merged_bf16`).
-Every recipe trains on the same XSum-shaped token rows for the same 16 optimizer steps of 16 sequences; tokens/s
-is measured after the first progress line (4 steps) and MFU counts useful FLOPs (bench/gpu_metrics.py) against
-790 TFLOP/s. Recipes: `best`, the phi2 profile's; `stock`, the same batch and layout with `speedups: false` (TRL and
-transformers as shipped); `seed`, the seed notebooks' recipe; compiled, padding and memory-capped variants.
+Every recipe trains on the same XSum-shaped token rows for the same 16 optimizer steps of 16 sequences (`--steps`;
+375 is the phi2 profile's run, where graphed steps capture each batch shape once); tokens/s is measured after the
+first progress line (4 steps) and MFU counts useful FLOPs (bench/gpu_metrics.py) against 790 TFLOP/s. Recipes:
+`best`, the phi2 profile's; `stock`, the same batch and layout with `speedups: false` (TRL and transformers as
+shipped); `seed`, the seed notebooks' recipe; compiled, padding, memory-capped and one-speed-up-off variants.
 Evaluation: the profile's recipe evaluated on 500 held-out rows at each `--evaluation-batches` size, in batches
 sorted by length against Trainer's length-grouped ones. Generation: the profile's path first (its first pass is the
 first generation in the process, 500 prompts, as an evaluation step meets it), then variants, the 4-bit + LoRA
@@ -15,7 +16,7 @@ path, and how far each path's summaries agree.
 On a CUDA machine, from the repository root with the project's dependencies installed:
 
     PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True PYTHONPATH=. python bench/gpu_benchmark.py
-        [--recipes best stock seed lean ...] [--evaluation-batches 16 64] [--skip-generation]
+        [--recipes best stock seed lean ...] [--steps 16] [--evaluation-batches 16 64] [--skip-generation]
         [--pipeline-json data/bench/pipeline.json]
         [--output-dir data/bench] [--commit SHA]
 
@@ -98,6 +99,8 @@ RECIPES: dict[str, TrainSettings] = {
     "best_compiled": dataclasses.replace(BEST, compile_layers=True),
     # the same padded to each batch's longest row: compiled for dynamic shapes, a new length costs no new compile
     "best_compiled_dynamic_padding": dataclasses.replace(BEST, compile_layers=True, pad_to_multiple_of=None),
+    # the phi2 recipe with every step eager: no CUDA graph per batch shape
+    "best_without_cuda_graph": dataclasses.replace(BEST, cuda_graph=False),
     # the phi2 recipe without dropout on the LoRA input (six adapters per layer)
     "best_without_lora_dropout": dataclasses.replace(BEST, lora_dropout=0.0),
     # the phi2 profile's recipe with activation checkpointing, under a 16 GB card's memory limit
@@ -220,6 +223,14 @@ def sdpa_backends(names: tuple[str, ...] | None):
 
     with sdpa_kernel([getattr(SDPBackend, name) for name in names]):
         yield
+
+
+def set_steps(steps: int) -> None:
+    """Every recipe trains `steps` optimizer steps, one pass over `steps` distinct batches."""
+    global STEPS
+    STEPS = details["steps"] = steps
+    for name, settings in RECIPES.items():
+        RECIPES[name] = dataclasses.replace(settings, max_steps=steps)
 
 
 def load_inputs() -> Inputs:
@@ -440,9 +451,13 @@ def main() -> None:
                              "no 4-bit + LoRA reference paths")
     parser.add_argument("--pipeline-json", type=Path, default=None,
                         help="bench/gpu_pipeline.py's results: their pipeline_seconds join the figures")
+    parser.add_argument("--steps", type=int, default=STEPS,
+                        help="optimizer steps per recipe, on as many distinct batches of 16 rows (the phi2 "
+                             "profile's run is 375)")
     gpu_metrics.add_common_arguments(parser)
     args = parser.parse_args()
     OUTPUT_DIR = args.output_dir
+    set_steps(args.steps)
     details["commit"] = gpu_metrics.commit(args.commit)
     if args.pipeline_json:
         details["pipeline"] = json.loads(args.pipeline_json.read_text())

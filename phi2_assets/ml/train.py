@@ -105,6 +105,12 @@ class TrainSettings:
         "each process; pays on long GPU runs; not with gradient_checkpointing",
         False,
     )
+    cuda_graph: bool = documented(
+        "replay each training step's forward and backward pass as a CUDA graph per batch shape (a speed-up): "
+        "less Python per step on CUDA; one micro-batch per step, no autocast, no activation checkpointing, eager "
+        "layers (other runs train eager)",
+        False,
+    )
     dataloader_workers: int = documented(
         "processes that fetch and collate the next batches while a step runs; 0 = the training process does "
         "it between steps",
@@ -376,7 +382,7 @@ def train_lora(
     args = _sft_config(settings, run_dir, model, say)
     with _lora_attached(model, settings, targets, say) as peft_model:
         progress = ProgressCallback(say)
-        trainer = speedups.trainer_class(settings.speedups)(
+        trainer = speedups.trainer_class(settings.speedups, settings.cuda_graph and not settings.compile_layers)(
             model=peft_model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
             processing_class=tokenizer, callbacks=[progress, *callbacks],
         )

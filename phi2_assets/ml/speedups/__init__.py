@@ -20,6 +20,7 @@ versions it was verified against (`guards`).
 | `kept_logits_cpu`         | training   | TRL's LM head keeps its logits for the backward pass, on CPU  |
 | `right_padded_sdpa`       | training   | causal flash attention without the padding mask               |
 | `compiled_layers`         | training   | decoder layers as one torch.compile graph (`compile_layers`)  |
+| `graphed_steps`           | training   | a step's forward and backward as one CUDA graph per shape     |
 | `static_decoding`         | generation | static KV cache, chunked prefill, CUDA-graphed greedy steps   |
 | `filled_columns`          | generation | decoding attends over each row's filled cache columns (CUDA)  |
 | `decode_attention_kernel` | generation | the split-KV Triton kernel behind `filled_columns`            |
@@ -44,6 +45,7 @@ from phi2_assets.ml.speedups import (
     fused_qkv,
     fused_rotary,
     gelu_epilogue,
+    graphed_steps,
     kept_logits_cpu,
     kernels_ahead,
     labelled_positions_cpu,
@@ -55,11 +57,15 @@ from phi2_assets.ml.speedups import (
 )
 
 
-def trainer_class(enabled: bool) -> type[SFTTrainer]:
-    """The trainer a training stage runs: the lean-step subclass evaluating in sorted batches, or TRL's own."""
+def trainer_class(enabled: bool, cuda_graph: bool = False) -> type[SFTTrainer]:
+    """The trainer a training stage runs: the lean-step subclass (replaying CUDA graphs where `cuda_graph` asks and
+    the machine allows) evaluating in sorted batches, or TRL's own."""
     if not enabled:
         return SFTTrainer
-    trainer = lean_steps.LeanStepSFTTrainer if lean_steps.available() else SFTTrainer
+    trainer = SFTTrainer
+    if lean_steps.available():
+        graphed = cuda_graph and graphed_steps.available()
+        trainer = graphed_steps.GraphedStepSFTTrainer if graphed else lean_steps.LeanStepSFTTrainer
     return sorted_evaluation.with_sorted_evaluation(trainer) if sorted_evaluation.available() else trainer
 
 

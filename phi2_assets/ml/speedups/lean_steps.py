@@ -82,8 +82,25 @@ class LeanStepSFTTrainer(SFTTrainer):
             self._pending_input_tokens = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if return_outputs or "attention_mask" not in inputs or not self._plain_next_token_loss():
+        if return_outputs or not self.computes_plain_loss(inputs):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss, figures, tokens = self.loss_and_figures(model, inputs, num_items_in_batch)
+        self.defer_figures(figures, tokens)
+        return loss
+
+    def computes_plain_loss(self, inputs: dict) -> bool:
+        """Whether `loss_and_figures` computes this batch's loss as SFTTrainer's `compute_loss` would: its default
+        next-token loss (no custom loss function, label smoothing, DFT loss, MoE auxiliary loss or sequence
+        parallelism) on a padded batch (padding-free batches keep TRL's own `compute_loss`)."""
+        parallelism = getattr(self.accelerator, "parallelism_config", None)
+        return ("attention_mask" in inputs and self.compute_loss_func is None and self.label_smoother is None
+                and self.args.loss_type == "nll" and not self.aux_loss_enabled
+                and not (parallelism is not None and parallelism.sp_enabled))
+
+    def loss_and_figures(self, model, inputs: dict, num_items_in_batch) -> tuple[
+            torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """SFTTrainer's loss and, on the device, the batch's entropy and token accuracy (0 for a batch without
+        labels) and, in training, its token count: every figure its `compute_loss` reads with `.item()`."""
         inputs["use_cache"] = False
         outputs = model(**inputs, fused_lm_head=True)
         per_token_loss = -outputs.log_probs  # zero on ignored positions
@@ -91,20 +108,6 @@ class LeanStepSFTTrainer(SFTTrainer):
         loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
-        self._defer_metrics(inputs, outputs)
-        return loss
-
-    def _plain_next_token_loss(self) -> bool:
-        """SFTTrainer's default loss: no custom loss function, label smoothing, DFT loss, MoE auxiliary loss or
-        sequence parallelism (each of those, and padding-free batches, keep TRL's own `compute_loss`)."""
-        parallelism = getattr(self.accelerator, "parallelism_config", None)
-        return (self.compute_loss_func is None and self.label_smoother is None and self.args.loss_type == "nll"
-                and not self.aux_loss_enabled and not (parallelism is not None and parallelism.sp_enabled))
-
-    def _defer_metrics(self, inputs: dict, outputs) -> None:
-        """SFTTrainer's per-batch entropy and token accuracy (0 for a batch without labels) and, in training, its
-        token count, kept on the device."""
-        mode = "train" if self.model.training else "eval"
         gather = self.accelerator.gather_for_metrics
         num_valid = gather(outputs.label_mask.sum()).sum()
         entropy_sum = gather(outputs.entropy.detach().sum()).sum()
@@ -112,11 +115,15 @@ class LeanStepSFTTrainer(SFTTrainer):
         labelled = num_valid > 0
         figures = torch.stack([torch.where(labelled, entropy_sum / num_valid, 0.0).float(),
                                torch.where(labelled, num_correct / num_valid, 0.0).float()])
+        tokens = gather(inputs["attention_mask"].sum()).sum() // self._tp_size if self.model.training else None
+        return loss, figures, tokens
+
+    def defer_figures(self, figures: torch.Tensor, tokens: torch.Tensor | None) -> None:
+        """Keeps a batch's figures from `loss_and_figures` until a log line reads them."""
         if self._pending_metrics is None:
             self._pending_metrics = {"train": [], "eval": []}
-        self._pending_metrics[mode].append(figures)
-        if mode == "train":
-            tokens = gather(inputs["attention_mask"].sum()).sum() // self._tp_size
+        self._pending_metrics["train" if tokens is not None else "eval"].append(figures)
+        if tokens is not None:
             pending = self._pending_train_tokens
             self._pending_train_tokens = tokens if pending is None else pending + tokens
 

@@ -1,0 +1,207 @@
+"""Graphed steps: each training step's forward and backward replayed as one CUDA graph per batch shape.
+
+What: with the other training speed-ups, a QLoRA step of Phi-2 is some 5,000 kernels, and launching them from
+Python (modules, PEFT, autograd) takes longer than the GPU takes to run them. `GraphedStepSFTTrainer` captures the
+forward pass, TRL's loss and the backward pass into the LoRA gradients of the first step of each batch shape into a
+CUDA graph and replays it for every later batch of that shape: one launch instead of thousands. The batch is copied
+into the graph's input tensors before a replay, and the gradients it wrote are handed to the eager optimizer step.
+The first step of the run is eager, on the capture stream, so that lazy initialisation (cuBLAS workspaces, Triton
+compiles) happens outside every capture. Gradient clipping, the optimizer step, logging and evaluation stay eager.
+When it pays: CUDA training whose host sets the pace, with few batch shapes (padding to a multiple of 64).
+Cost: one memory pool shared by every shape's graph, as large as the largest step's activations, kept beside the
+eager allocator's memory for the length of training; a capture per shape. Inside a graph TRL's LM head scores every
+position, not only the labelled ones (its compaction needs the host to read how many there are), so a step does ~7%
+more FLOPs. Dropout draws from the same generator, by offsets the graph advances at each replay.
+Knob: `cuda_graph` of the training stage, with `speedups`. Graphs need one process, one micro-batch per optimizer
+step, no autocast, no activation checkpointing, eager decoder layers and TRL's plain next-token loss; other runs
+and batches take the eager step. A capture that fails turns graphs off for the run with one warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+
+import torch
+
+from phi2_assets.ml.speedups import guards, lean_steps
+
+log = logging.getLogger(__name__)
+
+# A step function computes a batch's loss and backward pass: (inputs, items in the batch) -> (loss, other outputs)
+StepFunction = Callable[[dict, torch.Tensor | None], tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]]
+
+
+def available() -> bool:
+    return torch.cuda.is_available() and guards.requires(
+        "graphed_steps", torch=guards.TORCH, transformers=guards.TRANSFORMERS, trl=guards.TRL)
+
+
+@contextlib.contextmanager
+def every_position_scored() -> Iterator[None]:
+    """While inside, TRL's fused LM head scores every position instead of gathering the labelled ones (a gather
+    whose size the host must read from the GPU, which no capture allows)."""
+    import trl.trainer.utils as trl_utils
+
+    compacting = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: False
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = compacting
+
+
+class CaptureFailed(RuntimeError):
+    """A step could not be captured: an operation inside reads the GPU back, or the capture ran out of memory."""
+
+
+@dataclasses.dataclass
+class CapturedStep:
+    """One batch shape's graph: the tensors it reads and writes, and the gradients it leaves."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: dict
+    num_items: torch.Tensor | None
+    loss: torch.Tensor
+    outputs: tuple[torch.Tensor | None, ...]
+    gradients: list[torch.Tensor | None]
+
+
+class StepGraphs:
+    """The graphs of one training run, one per batch shape, in one shared memory pool."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter]):
+        self.parameters = parameters
+        self.steps: dict[tuple, CapturedStep] = {}
+        self.stream: torch.cuda.Stream | None = None
+        self.pool = None
+        self.replays = 0
+
+    def run(self, inputs: dict, num_items: torch.Tensor | None,
+            step: StepFunction) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """The step on this batch: eager on the run's first batch, else the replay of its shape's graph (captured
+        on the shape's first batch). The parameters' gradients are the step's afterwards."""
+        if self.stream is None:
+            return self._warm_up(inputs, num_items, step)
+        key = _shape_key(inputs, num_items)
+        captured = self.steps.get(key)
+        if captured is None:
+            captured = self.steps[key] = self._capture(inputs, num_items, step)
+        for name, tensor in captured.inputs.items():
+            if isinstance(tensor, torch.Tensor):
+                tensor.copy_(inputs[name], non_blocking=True)
+        if captured.num_items is not None:
+            captured.num_items.copy_(num_items, non_blocking=True)
+        captured.graph.replay()
+        self.replays += 1
+        for parameter, gradient in zip(self.parameters, captured.gradients, strict=True):
+            parameter.grad = gradient
+        return captured.loss, captured.outputs
+
+    def _warm_up(self, inputs: dict, num_items: torch.Tensor | None,
+                 step: StepFunction) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
+        """The first step, eager on the stream later captures use, so that everything initialised on first use
+        is initialised outside a capture."""
+        self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            result = step(inputs, num_items)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return result
+
+    def _capture(self, inputs: dict, num_items: torch.Tensor | None, step: StepFunction) -> CapturedStep:
+        """Records `step` on copies of this batch's tensors. Gradients are unset first, so that the backward pass
+        allocates them in the pool and every replay rewrites the same tensors."""
+        static_inputs = {name: value.clone() if isinstance(value, torch.Tensor) else value
+                         for name, value in inputs.items()}
+        static_items = None if num_items is None else num_items.clone()
+        for parameter in self.parameters:
+            parameter.grad = None
+        if self.pool is None:  # the eager steps' cached blocks go back to the device for the graphs' pool
+            torch.cuda.empty_cache()
+            self.pool = torch.cuda.graph_pool_handle()
+        self.stream.wait_stream(torch.cuda.current_stream())  # the copies above, made on the current stream
+        graph = torch.cuda.CUDAGraph()
+        # begun directly, not through `torch.cuda.graph`, which collects Python's garbage before every capture;
+        # thread_local: the data loader's pin-memory thread may allocate pinned memory during a capture
+        try:
+            with torch.cuda.stream(self.stream), every_position_scored():
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    loss, outputs = step(static_inputs, static_items)
+                finally:
+                    graph.capture_end()
+        except RuntimeError as error:
+            raise CaptureFailed(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
+        gradients = [parameter.grad for parameter in self.parameters]
+        return CapturedStep(graph, static_inputs, static_items, loss, outputs, gradients)
+
+
+def _shape_key(inputs: dict, num_items: torch.Tensor | None) -> tuple:
+    """What a graph is specific to: each input tensor's shape and dtype, and the other inputs' values."""
+    parts = [(name, tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else (name, value)
+             for name, value in sorted(inputs.items())]
+    return tuple(parts), num_items is None
+
+
+class GraphedStepSFTTrainer(lean_steps.LeanStepSFTTrainer):
+    """The lean-step trainer replaying each batch shape's forward and backward pass as a CUDA graph, where the run
+    allows graphs (`graphs_allowed`); every other step is the lean trainer's eager step."""
+
+    _step_graphs: StepGraphs | None = None
+    _graphs_off: bool = False
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._release_graphs()
+
+    def _release_graphs(self) -> None:
+        """Says how many steps the graphs served, then frees them and their pool for what runs after training."""
+        graphs, self._step_graphs = self._step_graphs, None
+        if graphs is None:
+            return
+        log.info("training replayed %d steps from %d CUDA graphs, one per batch shape", graphs.replays,
+                 len(graphs.steps))
+        for parameter in graphs.parameters:
+            parameter.grad = None
+        graphs.steps.clear()
+        torch.cuda.empty_cache()
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._graphs_off or not self.computes_plain_loss(inputs) or not self._graphs_allowed(model):
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if isinstance(num_items_in_batch, int):
+            num_items_in_batch = torch.tensor(num_items_in_batch, device=self.args.device)
+        if self._step_graphs is None:
+            self._step_graphs = StepGraphs([p for p in model.parameters() if p.requires_grad])
+        try:
+            loss, (figures, tokens) = self._step_graphs.run(
+                inputs, num_items_in_batch, lambda batch, items: self._forward_backward(model, batch, items))
+        except CaptureFailed as error:  # the run goes on eager
+            log.warning("speed-up graphed_steps is off for this run: capturing a step failed: %s", error)
+            self._graphs_off = True
+        if self._graphs_off:  # outside the handler, whose traceback holds the failed step's tensors
+            self._step_graphs = None
+            model.zero_grad()
+            return super().training_step(model, inputs, num_items_in_batch)
+        self.defer_figures(figures.clone(), tokens.clone())  # the next replay rewrites the graph's outputs
+        return loss.detach().clone()
+
+    def _forward_backward(self, model, inputs: dict, num_items: torch.Tensor | None):
+        with self.compute_loss_context_manager():
+            loss, figures, tokens = self.loss_and_figures(model, inputs, num_items)
+        self.accelerator.backward(loss)
+        return loss, (figures, tokens)
+
+    def _graphs_allowed(self, model) -> bool:
+        """One process on CUDA, one micro-batch per optimizer step, no autocast, no activation checkpointing."""
+        args = self.args
+        return (args.gradient_accumulation_steps == 1 and self.accelerator.num_processes == 1 and args.n_gpu <= 1
+                and not (args.bf16 or args.fp16 or args.gradient_checkpointing) and model.device.type == "cuda"
+                and not self.is_deepspeed_enabled and not self.is_fsdp_enabled)
