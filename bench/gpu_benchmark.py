@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import gc
 import json
+import logging
 import os
 import re
 import signal
@@ -60,6 +61,7 @@ from phi2_assets.ml.speedups import (
     fused_qkv,
     fused_rotary,
     gelu_epilogue,
+    graphed_steps,
     lean_lora,
     sorted_evaluation,
     static_decoding,
@@ -278,6 +280,25 @@ def check_packed_equals_padded(model, rows) -> dict:
     return {"max_abs_logprob_diff": round(worst, 4), "sequences": len(sequences), "equal_within_bf16": worst < 0.25}
 
 
+class LinesOf(logging.Handler):
+    """The messages a logger writes at INFO and above from now until `close()`, also printed."""
+
+    def __init__(self, logger: logging.Logger):
+        super().__init__(logging.INFO)
+        self.logger, self.level_before, self.messages = logger, logger.level, []
+        logger.setLevel(logging.INFO)
+        logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        print(record.getMessage(), flush=True)
+
+    def close(self) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+        super().close()
+
+
 def steady_rate(lines: list[tuple[float, str]], tokens_seen: int) -> dict:
     """Tokens/s after the first progress line (LOGGED_EVERY steps), from the lines' timestamps and cumulative
     rates.
@@ -301,7 +322,8 @@ def steady_rate(lines: list[tuple[float, str]], tokens_seen: int) -> dict:
 
 
 RECORDED_SETTINGS = ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free",
-                     "pad_to_multiple_of", "compile_layers", "dataloader_workers", "bf16", "optimizer", "speedups")
+                     "pad_to_multiple_of", "compile_layers", "cuda_graph", "dataloader_workers", "bf16", "optimizer",
+                     "speedups")
 
 
 def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, evaluation,
@@ -316,11 +338,13 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
     total = torch.cuda.get_device_properties(0).total_memory
     if capped:  # a real 16 GB card's limit: any step that needs more fails with out-of-memory
         torch.cuda.set_per_process_memory_fraction(LEAN_CARD_GIB * 2**30 / total)
+    graph_lines = LinesOf(graphed_steps.log)
     try:
         artifact = train_lora(model, tokenizer, train, evaluation, settings, WORK / f"adapter-{name}",
                               WORK / "checkpoints", on_log)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
+        graph_lines.close()
     steady = steady_rate(lines, artifact.tokens_seen)
     tok_s = steady.get("steady_tok_s", artifact.tokens_per_second)
     result = {
@@ -338,6 +362,7 @@ def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, ev
         "eval_loss_base": round(artifact.base_eval_loss, 4),
         "eval_loss_after": round(artifact.eval_loss, 4),
         "train_seconds": round(artifact.train_seconds, 1),
+        "graphed_steps": graph_lines.messages,  # how many steps replayed, from how many graphs, or why none
     }
     details.setdefault("training", {})[name] = result
     return result

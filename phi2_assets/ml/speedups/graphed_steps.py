@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterator
 
 import torch
@@ -78,6 +79,7 @@ class StepGraphs:
         self.stream: torch.cuda.Stream | None = None
         self.pool = None
         self.replays = 0
+        self.capture_seconds = 0.0
 
     def run(self, inputs: dict, num_items: torch.Tensor | None,
             step: StepFunction) -> tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]:
@@ -88,7 +90,9 @@ class StepGraphs:
         key = _shape_key(inputs, num_items)
         captured = self.steps.get(key)
         if captured is None:
+            started = time.perf_counter()
             captured = self.steps[key] = self._capture(inputs, num_items, step)
+            self.capture_seconds += time.perf_counter() - started
         for name, tensor in captured.inputs.items():
             if isinstance(tensor, torch.Tensor):
                 tensor.copy_(inputs[name], non_blocking=True)
@@ -164,8 +168,8 @@ class GraphedStepSFTTrainer(lean_steps.LeanStepSFTTrainer):
         graphs, self._step_graphs = self._step_graphs, None
         if graphs is None:
             return
-        log.info("training replayed %d steps from %d CUDA graphs, one per batch shape", graphs.replays,
-                 len(graphs.steps))
+        log.info("training replayed %d steps from %d CUDA graphs, one per batch shape, captured in %.1f s",
+                 graphs.replays, len(graphs.steps), graphs.capture_seconds)
         for parameter in graphs.parameters:
             parameter.grad = None
         graphs.steps.clear()
