@@ -101,8 +101,8 @@ RECIPES: dict[str, TrainSettings] = {
     "best_compiled": dataclasses.replace(BEST, compile_layers=True),
     # the same padded to each batch's longest row: compiled for dynamic shapes, a new length costs no new compile
     "best_compiled_dynamic_padding": dataclasses.replace(BEST, compile_layers=True, pad_to_multiple_of=None),
-    # the phi2 recipe with every step eager: no CUDA graph per batch shape
-    "best_without_cuda_graph": dataclasses.replace(BEST, cuda_graph=False),
+    # the phi2 recipe with each batch shape's forward and backward pass replayed as a CUDA graph
+    "best_graphed": dataclasses.replace(BEST, cuda_graph=True),
     # the phi2 recipe without dropout on the LoRA input (six adapters per layer)
     "best_without_lora_dropout": dataclasses.replace(BEST, lora_dropout=0.0),
     # the phi2 profile's recipe with activation checkpointing, under a 16 GB card's memory limit

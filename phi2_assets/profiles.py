@@ -105,15 +105,15 @@ PROFILES: dict[str, Profile] = {
         # checkpointing (on a 16 GB card turn gradient_checkpointing on), no autocast (the 4-bit model already computes
         # in bf16, and autocast's fp32 LayerNorm makes bitsandbytes return every projection in fp32), torch's fused
         # AdamW instead of the seed's paged 8-bit one, which launches a kernel per LoRA tensor, and two worker
-        # processes collating the next batches while a step runs. Each step's forward and backward pass replays a
-        # CUDA graph per batch shape. The decoder layers stay eager: compile_layers' compile outweighs what it saves
-        # over this run's 375 steps. Evaluation passes hold 64 rows, cut from the held-out rows sorted by length
-        # (speed-up `sorted_evaluation`; Trainer's own grouping spans one batch at 64).
+        # processes collating the next batches while a step runs. The decoder layers stay eager: compile_layers'
+        # compile outweighs what it saves over this run's 375 steps; cuda_graph stays off until measured. Evaluation
+        # passes hold 64 rows, cut from the held-out rows sorted by length (speed-up `sorted_evaluation`; Trainer's
+        # own grouping spans one batch at 64).
         train=TrainSettings(
             lora_r=16, lora_alpha=32, lora_dropout=0.05, learning_rate=2e-4, epochs=3, per_device_batch_size=16,
             gradient_accumulation_steps=1, optimizer="adamw_torch_fused", lr_scheduler="cosine", warmup_ratio=0.03,
             gradient_checkpointing=False, group_by_length=True, pad_to_multiple_of=64, dataloader_workers=2, bf16=False,
-            cuda_graph=True, logging_steps=10, eval_steps=50, save_steps=50, eval_batch_size=64,
+            logging_steps=10, eval_steps=50, save_steps=50, eval_batch_size=64,
         ),
         evaluation_set=EvaluationSetSettings(split="validation", samples=500),
         # the adapter merged into bf16 weights, batches from the cost model, a static KV cache per batch with chunked
