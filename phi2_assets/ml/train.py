@@ -107,8 +107,8 @@ class TrainSettings:
     )
     cuda_graph: bool = documented(
         "replay each training step's forward and backward pass as a CUDA graph per batch shape (a speed-up): "
-        "less Python per step on CUDA; one micro-batch per step, no autocast, no activation checkpointing, eager "
-        "layers (other runs train eager)",
+        "less Python per step on CUDA; needs one micro-batch per step, no autocast, no activation checkpointing "
+        "and no compile_layers, else the steps run eager",
         False,
     )
     dataloader_workers: int = documented(
