@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -52,6 +53,19 @@ def every_position_scored() -> Iterator[None]:
         yield
     finally:
         trl_utils._use_triton = compacting
+
+
+@contextlib.contextmanager
+def garbage_kept() -> Iterator[None]:
+    """While inside, Python's garbage collector does not run: a collection during a capture could free another
+    graph or unload a Triton kernel's module, which no capture allows."""
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if collecting:
+            gc.enable()
 
 
 class CaptureFailed(RuntimeError):
@@ -123,20 +137,14 @@ class StepGraphs:
         static_items = None if num_items is None else num_items.clone()
         for parameter in self.parameters:
             parameter.grad = None
-        if self.pool is None:  # the eager steps' cached blocks go back to the device for the graphs' pool
-            torch.cuda.empty_cache()
-            self.pool = torch.cuda.graph_pool_handle()
-        self.stream.wait_stream(torch.cuda.current_stream())  # the copies above, made on the current stream
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        # begun directly, not through `torch.cuda.graph`, which collects Python's garbage before every capture;
-        # thread_local: the data loader's pin-memory thread may allocate pinned memory during a capture
+        # `torch.cuda.graph` waits for the device and hands the eager steps' cached blocks back for the pool;
+        # thread_local: the data loader's pin-memory thread may allocate pinned memory meanwhile
         try:
-            with torch.cuda.stream(self.stream), every_position_scored():
-                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-                try:
-                    loss, outputs = step(static_inputs, static_items)
-                finally:
-                    graph.capture_end()
+            with every_position_scored(), garbage_kept(), torch.cuda.graph(
+                    graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                loss, outputs = step(static_inputs, static_items)
         except RuntimeError as error:
             raise CaptureFailed(str(error).splitlines()[0] if str(error) else type(error).__name__) from None
         gradients = [parameter.grad for parameter in self.parameters]
