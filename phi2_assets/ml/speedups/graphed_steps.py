@@ -187,6 +187,8 @@ class GraphedStepSFTTrainer(lean_steps.LeanStepSFTTrainer):
         if self._graphs_off or not self.computes_plain_loss(inputs) or not self._graphs_allowed(model):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # as Trainer's step does (schedule-free optimizers)
+            self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         if isinstance(num_items_in_batch, int):
             num_items_in_batch = torch.tensor(num_items_in_batch, device=self.args.device)
