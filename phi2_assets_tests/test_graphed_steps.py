@@ -16,7 +16,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from trl import SFTConfig
 
 from phi2_assets.ml import speedups
-from phi2_assets.ml.speedups.graphed_steps import GraphedStepSFTTrainer, every_position_scored
+from phi2_assets.ml.speedups.graphed_steps import GraphedStepSFTTrainer, most_labels_per_row
 from phi2_assets.ml.train import TrainSettings, train_lora
 from phi2_assets_tests.conftest import tiny_training_set
 
@@ -79,17 +79,21 @@ def test_the_captured_step_reads_nothing_back_and_computes_the_eager_loss_and_gr
         peft_model.train()
         eager = eager_loss_and_gradients(trainer, peft_model, batch, items)
         peft_model.zero_grad()
-        with every_position_scored(), HostReads() as reads:
+        with HostReads() as reads:
             loss, (figures, tokens) = trainer._forward_backward(peft_model, dict(batch), items)
         gradients = [p.grad for p in peft_model.parameters() if p.requires_grad]
     assert reads.reads == []
     assert "gelu_backward.default" in reads.seen, "the mode saw the backward pass"
+    # the head's rows: more than the batch labels (some masked out), fewer than its positions
+    rows, width = batch["labels"].shape
+    head_rows = rows * most_labels_per_row(trainer.train_dataset)
+    assert batch["labels"][:, 1:].ne(-100).sum() < head_rows < rows * (width - 1)
     assert loss.detach() == pytest.approx(eager[0].item(), rel=1e-5)
     assert all(torch.allclose(g, e, rtol=1e-4, atol=1e-7) for g, e in zip(gradients, eager[1], strict=True))
     assert tokens == batch["attention_mask"].sum() and 0 <= figures[1] <= 1
 
 
-def test_scoring_labelled_positions_only_reads_their_count_back(step):
+def test_trls_gather_of_the_labelled_positions_reads_their_count_back(step):
     """The check above has teeth: TRL's LM head gathering the labelled positions (on CPU with the speed-ups, as on
     CUDA) is an operation the host must wait for."""
     trainer, peft_model, batch, items, base = step

@@ -9,18 +9,21 @@ The first step of the run is eager, on the capture stream, so that lazy initiali
 compiles) happens outside every capture. Gradient clipping, the optimizer step, logging and evaluation stay eager.
 When it pays: CUDA training whose host sets the pace, with few batch shapes (padding to a multiple of 64).
 Cost: one memory pool shared by every shape's graph, as large as the largest step's activations, kept beside the
-eager allocator's memory for the length of training; a capture per shape. Inside a graph TRL's LM head scores every
-position, not only the labelled ones (its compaction needs the host to read how many there are), so a step does ~7%
-more FLOPs. Dropout draws from the same generator, by offsets the graph advances at each replay.
+eager allocator's memory for the length of training; a capture per shape. TRL's LM head gathers a batch's labelled
+positions, as many as the GPU counts, which no capture allows; inside a graph they are gathered into a fixed number
+of rows (the batch's rows times the most labels a training row has), the rest masked out, so the head scores more
+rows than it needs. Dropout draws from the same generator, by offsets the graph advances at each replay.
 Knob: `cuda_graph` of the training stage, with `speedups`. Graphs need one process, one micro-batch per optimizer
-step, no autocast, no activation checkpointing, eager decoder layers and TRL's plain next-token loss; other runs
-and batches take the eager step. A capture that fails turns graphs off for the run with one warning.
+step, no autocast, no activation checkpointing, eager decoder layers, TRL's plain next-token loss, training rows
+with labels and an LM head without a logit scale; other runs and batches take the eager step. A capture that fails
+turns graphs off for the run with one warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import time
@@ -32,6 +35,8 @@ from phi2_assets.ml.speedups import guards, lean_steps
 
 log = logging.getLogger(__name__)
 
+# the config fields by which TRL's fused LM head scales the logits
+_LOGIT_SCALES = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling")
 # A step function computes a batch's loss and backward pass: (inputs, items in the batch) -> (loss, other outputs)
 StepFunction = Callable[[dict, torch.Tensor | None], tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]]
 
@@ -41,18 +46,37 @@ def available() -> bool:
         "graphed_steps", torch=guards.TORCH, transformers=guards.TRANSFORMERS, trl=guards.TRL)
 
 
-@contextlib.contextmanager
-def every_position_scored() -> Iterator[None]:
-    """While inside, TRL's fused LM head scores every position instead of gathering the labelled ones (a gather
-    whose size the host must read from the GPU, which no capture allows)."""
-    import trl.trainer.utils as trl_utils
+def gathered_head_sums(model, inputs: dict, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    """What TRL's fused LM head sums over a batch's labelled positions (`lean_steps.fused_head_sums`), with those
+    positions gathered into `rows` rows, at least as many as the batch labels, the rest masked out. TRL gathers as
+    many rows as the batch labels, a count only the GPU knows, which no capture allows."""
+    from trl.kernels import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
-    compacting = trl_utils._use_triton
-    trl_utils._use_triton = lambda device: False
-    try:
-        yield
-    finally:
-        trl_utils._use_triton = compacting
+    base = model.get_base_model()
+    backbone_inputs = {name: value for name, value in inputs.items() if name != "labels"}
+    hidden = base.base_model(**backbone_inputs, use_cache=False).last_hidden_state
+    labels = inputs["labels"][:, 1:]  # position t predicts the label at t + 1
+    width = labels.shape[1]
+    labelled = labels != -100
+    index = torch.nonzero_static(labelled.reshape(-1), size=rows, fill_value=0).squeeze(1)
+    kept = torch.arange(rows, device=index.device) < labelled.sum()
+    hidden_rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index // width * (width + 1) + index % width)
+    targets = labels.reshape(-1).index_select(0, index).clamp(min=0)
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    log_probs, entropy, _, _, is_top1 = ChunkedLogProbFunction.apply(
+        hidden_rows, head.weight, head.bias, targets, 1.0, _CHUNKED_LOGPROB_CHUNK_SIZE, softcap, 1.0,
+        ("log_probs", "entropy", "is_top1"))
+    zero = log_probs.new_zeros(())
+    return (torch.where(kept, log_probs, zero).sum(), labelled.sum(), torch.where(kept, entropy.detach(), zero).sum(),
+            (is_top1 & kept).sum())
+
+
+def most_labels_per_row(dataset) -> int:
+    """The most next-token labels any row of a tokenized dataset carries (its labels after the first)."""
+    return max((sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]), default=0)
 
 
 @contextlib.contextmanager
@@ -142,7 +166,7 @@ class StepGraphs:
         # `torch.cuda.graph` waits for the device and hands the eager steps' cached blocks back for the pool;
         # thread_local: the data loader's pin-memory thread may allocate pinned memory meanwhile
         try:
-            with every_position_scored(), garbage_kept(), torch.cuda.graph(
+            with garbage_kept(), torch.cuda.graph(
                     graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
                 loss, outputs = step(static_inputs, static_items)
         except RuntimeError as error:
@@ -164,6 +188,7 @@ class GraphedStepSFTTrainer(lean_steps.LeanStepSFTTrainer):
 
     _step_graphs: StepGraphs | None = None
     _graphs_off: bool = False
+    _most_labels: int | None = None
 
     def train(self, *args, **kwargs):
         try:
@@ -208,14 +233,25 @@ class GraphedStepSFTTrainer(lean_steps.LeanStepSFTTrainer):
         return loss.detach().clone()
 
     def _forward_backward(self, model, inputs: dict, num_items: torch.Tensor | None):
+        """The step a graph records: the loss, with the LM head on the batch's labelled positions gathered into as
+        many rows as its rows times the most labels a training row has, and the backward pass."""
+        if self._most_labels is None:
+            self._most_labels = most_labels_per_row(self.train_dataset)
+        batch_rows, width = inputs["labels"].shape
+        rows = batch_rows * min(self._most_labels, width - 1)
         with self.compute_loss_context_manager():
-            loss, figures, tokens = self.loss_and_figures(model, inputs, num_items)
+            loss, figures, tokens = self.loss_and_figures(
+                model, inputs, num_items, functools.partial(gathered_head_sums, rows=rows))
         self.accelerator.backward(loss)
         return loss, (figures, tokens)
 
     def _graphs_allowed(self, model) -> bool:
-        """One process on CUDA, one micro-batch per optimizer step, no autocast, no activation checkpointing."""
+        """One process on CUDA, one micro-batch per optimizer step, no autocast, no activation checkpointing,
+        training rows with their labels, and an LM head without a logit scale (the gathered head applies none)."""
         args = self.args
+        config = model.config.get_text_config()
         return (args.gradient_accumulation_steps == 1 and self.accelerator.num_processes == 1 and args.n_gpu <= 1
                 and not (args.bf16 or args.fp16 or args.gradient_checkpointing) and model.device.type == "cuda"
-                and not self.is_deepspeed_enabled and not self.is_fsdp_enabled)
+                and not self.is_deepspeed_enabled and not self.is_fsdp_enabled
+                and "labels" in (getattr(self.train_dataset, "column_names", None) or ())
+                and all(getattr(config, name, None) is None for name in _LOGIT_SCALES))

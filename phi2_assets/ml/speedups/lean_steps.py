@@ -15,7 +15,7 @@ Knob: `speedups` of the training stage; it overrides Trainer's private `_clip_gr
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from transformers import Trainer
@@ -25,6 +25,8 @@ from phi2_assets.ml.speedups import guards
 
 _OVERRIDDEN = ("_clip_grad_norm", "_track_num_input_tokens", "_save_checkpoint", "_has_mixed_mesh_grads")
 _METRICS = ("entropy", "mean_token_accuracy")  # SFTTrainer's per-batch metrics, in the order it records them
+# (model, inputs) -> over the labelled positions: summed log-probability, count, summed entropy, top-1 count
+LabelledSums = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def available() -> bool:
@@ -97,21 +99,21 @@ class LeanStepSFTTrainer(SFTTrainer):
                 and self.args.loss_type == "nll" and not self.aux_loss_enabled
                 and not (parallelism is not None and parallelism.sp_enabled))
 
-    def loss_and_figures(self, model, inputs: dict, num_items_in_batch) -> tuple[
-            torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def loss_and_figures(self, model, inputs: dict, num_items_in_batch,
+                         labelled_sums: LabelledSums | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor | None]:
         """SFTTrainer's loss and, on the device, the batch's entropy and token accuracy (0 for a batch without
-        labels) and, in training, its token count: every figure its `compute_loss` reads with `.item()`."""
-        inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
-        per_token_loss = -outputs.log_probs  # zero on ignored positions
-        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
-        loss = per_token_loss.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        labels) and, in training, its token count: every figure its `compute_loss` reads with `.item()`. The sums
+        over the labelled positions come from `labelled_sums` (TRL's fused LM head by default)."""
+        log_prob_sum, num_labelled, entropy_sum, num_correct = (labelled_sums or fused_head_sums)(model, inputs)
+        num_tokens = num_labelled if num_items_in_batch is None else num_items_in_batch
+        loss = -log_prob_sum / torch.as_tensor(num_tokens).clamp(min=1)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         gather = self.accelerator.gather_for_metrics
-        num_valid = gather(outputs.label_mask.sum()).sum()
-        entropy_sum = gather(outputs.entropy.detach().sum()).sum()
-        num_correct = gather(outputs.is_top1.sum()).sum()
+        num_valid = gather(num_labelled).sum()
+        entropy_sum = gather(entropy_sum).sum()
+        num_correct = gather(num_correct).sum()
         labelled = num_valid > 0
         figures = torch.stack([torch.where(labelled, entropy_sum / num_valid, 0.0).float(),
                                torch.where(labelled, num_correct / num_valid, 0.0).float()])
@@ -150,6 +152,15 @@ class LeanStepSFTTrainer(SFTTrainer):
     def _save_checkpoint(self, model: torch.nn.Module, trial) -> None:
         self._count_pending_input_tokens()
         super()._save_checkpoint(model, trial)
+
+
+def fused_head_sums(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Over a batch's labelled positions, as TRL's fused LM head scores them: the summed log-probability of the
+    labels, their count, the summed entropy and the count of labels that were the most likely token."""
+    inputs["use_cache"] = False
+    outputs = model(**inputs, fused_lm_head=True)  # per-token fields are zero where there is no label
+    return (outputs.log_probs.sum(), outputs.label_mask.sum(), outputs.entropy.detach().sum(),
+            outputs.is_top1.sum())
 
 
 @contextlib.contextmanager
