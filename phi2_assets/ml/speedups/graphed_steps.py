@@ -54,8 +54,8 @@ def gathered_head_sums(model, inputs: dict, rows: int) -> tuple[torch.Tensor, to
     from trl.kernels import ChunkedLogProbFunction
     from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
 
-    base = model.get_base_model()
-    backbone_inputs = {name: value for name, value in inputs.items() if name != "labels"}
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone_inputs = {name: value for name, value in inputs.items() if name not in ("labels", "use_cache")}
     hidden = base.base_model(**backbone_inputs, use_cache=False).last_hidden_state
     labels = inputs["labels"][:, 1:]  # position t predicts the label at t + 1
     width = labels.shape[1]
