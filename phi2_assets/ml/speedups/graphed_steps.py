@@ -29,6 +29,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+import numpy as np
 import torch
 
 from phi2_assets.ml.speedups import guards, lean_steps
@@ -76,7 +77,7 @@ def gathered_head_sums(model, inputs: dict, rows: int) -> tuple[torch.Tensor, to
 
 def most_labels_per_row(dataset) -> int:
     """The most next-token labels any row of a tokenized dataset carries (its labels after the first)."""
-    return max((sum(label != -100 for label in labels[1:]) for labels in dataset["labels"]), default=0)
+    return max((int(np.count_nonzero(np.asarray(labels[1:]) != -100)) for labels in dataset["labels"]), default=0)
 
 
 @contextlib.contextmanager
