@@ -48,6 +48,8 @@ PAGED_8BIT = {"optimizer": "paged_adamw_8bit"}  # the seed's optimizer: bitsandb
 TRIALS = {  # name: (settings, attention implementation, SDPA kernels or None for PyTorch's choice)
     "best": (bench.RECIPES["best"], "sdpa", None),
     "best_compiled": (bench.RECIPES["best_compiled"], "sdpa", None),
+    # each batch shape's forward and backward pass replayed as a CUDA graph (steps of a new shape are captures)
+    "best_graphed": (bench.RECIPES["best_graphed"], "sdpa", None),
     "best_compiled_dynamic_padding": (bench.RECIPES["best_compiled_dynamic_padding"], "sdpa", None),
     "best_compiled_8bit_adamw": (dataclasses.replace(bench.RECIPES["best_compiled"], **PAGED_8BIT), "sdpa", None),
     # the phi2 recipe with the seed's paged AdamW 8-bit
@@ -360,7 +362,7 @@ def generation_trials(merged, tokenizer, articles: list[str], rounds: int = 2) -
         bench.phase(f"generation {label}", 60, run)
 
 
-def main() -> None:
+def parse_arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--profile-recipes",
@@ -401,7 +403,11 @@ def main() -> None:
         help="profile generation alone, on the merged model without an adapter",
     )
     gpu_metrics.add_common_arguments(parser)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_arguments()
     bench.OUTPUT_DIR = args.output_dir
     report["commit"] = gpu_metrics.commit(args.commit)
 
