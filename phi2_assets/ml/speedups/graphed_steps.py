@@ -188,7 +188,7 @@ class GraphedStepSFTTrainer(lean_steps.LeanStepSFTTrainer):
     allows graphs (`graphs_allowed`); every other step is the lean trainer's eager step."""
 
     _step_graphs: StepGraphs | None = None
-    _graphs_off: bool = False
+    _graphs_off: bool | None = None  # decided at the first step: the run's settings do not change
     _most_labels: int | None = None
 
     def train(self, *args, **kwargs):
@@ -210,7 +210,9 @@ class GraphedStepSFTTrainer(lean_steps.LeanStepSFTTrainer):
         torch.cuda.empty_cache()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self._graphs_off or not self.computes_plain_loss(inputs) or not self._graphs_allowed(model):
+        if self._graphs_off is None:
+            self._graphs_off = not self._graphs_allowed(model)
+        if self._graphs_off or not self.computes_plain_loss(inputs):
             return super().training_step(model, inputs, num_items_in_batch)
         model.train()
         if callable(getattr(self.optimizer, "train", None)):  # as Trainer's step does (schedule-free optimizers)
