@@ -317,10 +317,11 @@ def lora_loss_and_gradients(peft_model, batch, seed: int = 0) -> tuple[torch.Ten
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: fp32 adapters on a bf16 base
-def test_lean_lora_computes_peft_s_loss_and_gradients_bit_for_bit_and_comes_back(tiny, dtype):
+@pytest.mark.parametrize("lora_alpha", [8, 6])  # scales 2 (applied to A's output) and 1.5 (to B's, as PEFT does)
+def test_lean_lora_computes_peft_s_loss_and_gradients_bit_for_bit_and_comes_back(tiny, dtype, lora_alpha):
     model, tokenizer, _, _, articles = tiny
     base = copy.deepcopy(model).to(dtype)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=[
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=lora_alpha, lora_dropout=0.1, target_modules=[
         "q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"], task_type="CAUSAL_LM"))
     for name, parameter in peft_model.named_parameters():  # B starts at zero; any B makes the adapters count
         if "lora_B" in name:

@@ -5,8 +5,12 @@ four module dicts and calls `lora_A` and `lora_B` as modules; its 4-bit variant 
 (a defensive `clone`, a full read and write of every projection's output). A QLoRA step of Phi-2 runs 192 of these
 forwards. `LeanLoraLinear` and `LeanLoraLinear4bit` compute the same ops in the same order and dtypes (the base
 layer, the input cast to the adapter's dtype, dropout, A, B, the scale, the add), so outputs and gradients are
-PEFT's bit for bit; the copy is left out because nothing writes into the base output in place.
-When it pays: training on a GPU, where Python around the step sets the pace; on CPU it is neutral.
+PEFT's bit for bit; the copy is left out because nothing writes into the base output in place. A scale that is a
+power of two (alpha / r = 2 in the seed recipe) multiplies A's rank-r output instead of B's full-width output: the
+same bits (scaling by a power of two is exact, so it commutes with B's matmul, forward and backward), without a
+full fp32 read and write of every adapter's output in each direction.
+When it pays: training on a GPU, where Python around the step sets the pace, and where the GPU's own memory traffic
+does once graphs remove the launches; on CPU it is neutral.
 Knob: `speedups` of the training stage. It applies to layers with one vanilla LoRA adapter (no DoRA or other
 variant, no LoRA bias), falls back to PEFT's forward for merged or disabled adapters and for per-call adapter
 names, and runs only on the verified PEFT release; the layers get their own class back afterwards.
@@ -15,6 +19,7 @@ names, and runs only on the verified PEFT release; the layers get their own clas
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -31,6 +36,22 @@ except ImportError:
 
 def available() -> bool:
     return guards.requires("lean_lora", peft=guards.PEFT)
+
+
+def _exact_on_rank(scale: float) -> bool:
+    """Whether multiplying A's output by `scale` gives the bits that multiplying B's output does: true for powers of
+    two, whose product only shifts the exponent."""
+    return scale > 0 and math.frexp(scale)[0] == 0.5
+
+
+def adapter_output(dropped: torch.Tensor, a_weight: torch.Tensor, b_weight: torch.Tensor,
+                   scale: float) -> torch.Tensor:
+    """B(A(dropped)) * scale, the adapter's output from its input after dropout, with the scale on the rank-r side
+    where that changes no bit."""
+    reduced = F.linear(dropped, a_weight)
+    if _exact_on_rank(scale):
+        return F.linear(reduced * scale, b_weight)
+    return F.linear(reduced, b_weight) * scale
 
 
 def _adapter(layer) -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module, float] | None:
@@ -53,7 +74,7 @@ class LeanLoraLinear(LoraLinear):
         a_weight, b_weight, dropout, scale = adapter
         result = self.base_layer(x)
         adapter_input = x if x.dtype == a_weight.dtype else x.to(a_weight.dtype)
-        return (result + F.linear(F.linear(dropout(adapter_input), a_weight), b_weight) * scale).to(result.dtype)
+        return (result + adapter_output(dropout(adapter_input), a_weight, b_weight, scale)).to(result.dtype)
 
 
 if LoraLinear4bit is not None:
@@ -69,7 +90,7 @@ if LoraLinear4bit is not None:
             a_weight, b_weight, dropout, scale = adapter
             result = self.base_layer(x)
             adapter_input = x if x.dtype == a_weight.dtype else x.to(a_weight.dtype)
-            output = F.linear(F.linear(dropout(adapter_input), a_weight), b_weight) * scale
+            output = adapter_output(dropout(adapter_input), a_weight, b_weight, scale)
             return result + output.to(result.dtype)
 
 
