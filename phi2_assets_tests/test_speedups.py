@@ -316,9 +316,12 @@ def lora_loss_and_gradients(peft_model, batch, seed: int = 0) -> tuple[torch.Ten
     return loss.detach(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: fp32 adapters on a bf16 base
+# (model, adapters): PEFT's fp32 adapters on an fp32 and a bf16 base, and bf16 adapters as TRL keeps a 4-bit model's
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("lora_alpha", [8, 6])  # scales 2 (applied to A's output) and 1.5 (to B's, as PEFT does)
-def test_lean_lora_computes_peft_s_loss_and_gradients_bit_for_bit_and_comes_back(tiny, dtype, lora_alpha):
+def test_lean_lora_computes_peft_s_loss_and_gradients_bit_for_bit_and_comes_back(tiny, dtype, adapter_dtype,
+                                                                                 lora_alpha):
     model, tokenizer, _, _, articles = tiny
     base = copy.deepcopy(model).to(dtype)
     peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=lora_alpha, lora_dropout=0.1, target_modules=[
@@ -326,6 +329,8 @@ def test_lean_lora_computes_peft_s_loss_and_gradients_bit_for_bit_and_comes_back
     for name, parameter in peft_model.named_parameters():  # B starts at zero; any B makes the adapters count
         if "lora_B" in name:
             torch.nn.init.normal_(parameter, std=0.02)
+        if parameter.requires_grad:
+            parameter.data = parameter.data.to(adapter_dtype)
     batch = tokenizer(articles[:3], return_tensors="pt", padding=True, truncation=True, max_length=64).to(base.device)
     stock = lora_loss_and_gradients(peft_model, batch)
     with lean_lora.applied(peft_model):

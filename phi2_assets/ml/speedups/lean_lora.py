@@ -8,7 +8,7 @@ layer, the input cast to the adapter's dtype, dropout, A, B, the scale, the add)
 PEFT's bit for bit; the copy is left out because nothing writes into the base output in place. A scale that is a
 power of two (alpha / r = 2 in the seed recipe) multiplies A's rank-r output instead of B's full-width output: the
 same bits (scaling by a power of two is exact, so it commutes with B's matmul, forward and backward), without a
-full fp32 read and write of every adapter's output in each direction.
+read and write of every adapter's whole output in each direction.
 When it pays: training on a GPU, where Python around the step sets the pace, and where the GPU's own memory traffic
 does once graphs remove the launches; on CPU it is neutral.
 Knob: `speedups` of the training stage. It applies to layers with one vanilla LoRA adapter (no DoRA or other
