@@ -97,6 +97,8 @@ BEST = dataclasses.replace(PROFILES["phi2"].train, **BENCH_RUN)
 RECIPES: dict[str, TrainSettings] = {
     "seed": SEED,
     "best": BEST,
+    # the phi2 recipe once more in the same process: the spread between two runs of one recipe
+    "best_again": BEST,
     # the phi2 recipe with its decoder layers compiled (the compile lands in the warm-up)
     "best_compiled": dataclasses.replace(BEST, compile_layers=True),
     # the same padded to each batch's longest row: compiled for dynamic shapes, a new length costs no new compile
@@ -119,6 +121,7 @@ PATCHED_RECIPES = {
     "best_without_decoded_nf4": (decoded_nf4, "available", lambda: False),
     "best_without_lean_lora": (lean_lora, "available", lambda: False),
     "best_without_fused_rotary": (fused_rotary, "rotate_queries_and_keys", fused_rotary.rotate_eagerly),
+    "best_with_lora_scale_on_output": (lean_lora, "_exact_on_rank", lambda scale: False),
 }
 RECIPES.update({name: BEST for name in PATCHED_RECIPES})
 # the 4-bit + LoRA path's generation: the profile's settings on the unmerged model (transformers' generate)
