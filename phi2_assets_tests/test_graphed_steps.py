@@ -48,10 +48,10 @@ class HostReads(TorchDispatchMode):
 @pytest.fixture(scope="module")
 def step():
     """(trainer, peft model, batch, items in the batch, base model): the graphed trainer on the tiny Phi with
-    LoRA on every projection, and its first training batch."""
+    LoRA on every projection, dropout on its input as in the phi2 profile, and its first training batch."""
     model, tokenizer, train, validation = tiny_training_set()
     base = copy.deepcopy(model)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=[
+    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=[
         "q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"], task_type="CAUSAL_LM"))
     for name, parameter in peft_model.named_parameters():  # B starts at zero; any B makes the adapters count
         if "lora_B" in name:
@@ -68,6 +68,7 @@ def step():
 
 def eager_loss_and_gradients(trainer, peft_model, batch, items) -> tuple[torch.Tensor, list[torch.Tensor]]:
     peft_model.zero_grad()
+    torch.manual_seed(0)  # the dropout masks the captured step draws below
     loss = trainer.compute_loss(peft_model, dict(batch), num_items_in_batch=items)
     loss.backward()
     return loss.detach(), [p.grad.clone() for p in peft_model.parameters() if p.requires_grad]
@@ -79,11 +80,13 @@ def test_the_captured_step_reads_nothing_back_and_computes_the_eager_loss_and_gr
         peft_model.train()
         eager = eager_loss_and_gradients(trainer, peft_model, batch, items)
         peft_model.zero_grad()
+        torch.manual_seed(0)
         with HostReads() as reads:
             loss, (figures, tokens) = trainer._forward_backward(peft_model, dict(batch), items)
         gradients = [p.grad for p in peft_model.parameters() if p.requires_grad]
     assert reads.reads == []
     assert "gelu_backward.default" in reads.seen, "the mode saw the backward pass"
+    assert {"bernoulli_.float", "native_dropout.default"} & reads.seen, "the mode saw dropout's draws"
     # the head's rows: more than the batch labels (some masked out), fewer than its positions
     rows, width = batch["labels"].shape
     head_rows = rows * most_labels_per_row(trainer.train_dataset)
