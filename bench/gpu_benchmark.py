@@ -121,7 +121,7 @@ PATCHED_RECIPES = {
     "best_without_decoded_nf4": (decoded_nf4, "available", lambda: False),
     "best_without_lean_lora": (lean_lora, "available", lambda: False),
     "best_without_fused_rotary": (fused_rotary, "rotate_queries_and_keys", fused_rotary.rotate_eagerly),
-    "best_with_lora_scale_on_output": (lean_lora, "_exact_on_rank", lambda scale: False),
+    "best_with_lora_scale_on_output": (lean_lora, "scales_on_rank", lambda scale: False),
 }
 RECIPES.update({name: BEST for name in PATCHED_RECIPES})
 # the 4-bit + LoRA path's generation: the profile's settings on the unmerged model (transformers' generate)

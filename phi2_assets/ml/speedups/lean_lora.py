@@ -9,8 +9,8 @@ PEFT's bit for bit; the copy is left out because nothing writes into the base ou
 power of two (alpha / r = 2 in the seed recipe) multiplies A's rank-r output instead of B's full-width output: the
 same bits (scaling by a power of two is exact, so it commutes with B's matmul, forward and backward), without a
 read and write of every adapter's whole output in each direction.
-When it pays: training on a GPU, where Python around the step sets the pace, and where the GPU's own memory traffic
-does once graphs remove the launches; on CPU it is neutral.
+When it pays: training on a GPU, where Python around the step sets the pace (and the GPU's memory traffic, once
+graphs remove the launches); on CPU it is neutral.
 Knob: `speedups` of the training stage. It applies to layers with one vanilla LoRA adapter (no DoRA or other
 variant, no LoRA bias), falls back to PEFT's forward for merged or disabled adapters and for per-call adapter
 names, and runs only on the verified PEFT release; the layers get their own class back afterwards.
@@ -38,7 +38,7 @@ def available() -> bool:
     return guards.requires("lean_lora", peft=guards.PEFT)
 
 
-def _exact_on_rank(scale: float) -> bool:
+def scales_on_rank(scale: float) -> bool:
     """Whether multiplying A's output by `scale` gives the bits that multiplying B's output does: true for powers of
     two, whose product only shifts the exponent."""
     return scale > 0 and math.frexp(scale)[0] == 0.5
@@ -49,7 +49,7 @@ def adapter_output(dropped: torch.Tensor, a_weight: torch.Tensor, b_weight: torc
     """B(A(dropped)) * scale, the adapter's output from its input after dropout, with the scale on the rank-r side
     where that changes no bit."""
     reduced = F.linear(dropped, a_weight)
-    if _exact_on_rank(scale):
+    if scales_on_rank(scale):
         return F.linear(reduced * scale, b_weight)
     return F.linear(reduced, b_weight) * scale
 
