@@ -107,6 +107,9 @@ RECIPES: dict[str, TrainSettings] = {
     "best_graphed": dataclasses.replace(BEST, cuda_graph=True),
     # the phi2 recipe without dropout on the LoRA input (six adapters per layer)
     "best_without_lora_dropout": dataclasses.replace(BEST, lora_dropout=0.0),
+    # the same dropout drawn inside the adapters' first matmul, eager and graphed
+    "best_with_lora_dropout_kernel": dataclasses.replace(BEST, lora_dropout_kernel=True),
+    "best_graphed_with_lora_dropout_kernel": dataclasses.replace(BEST, cuda_graph=True, lora_dropout_kernel=True),
     # the phi2 profile's recipe with activation checkpointing, under a 16 GB card's memory limit
     "lean": dataclasses.replace(BEST, gradient_checkpointing=True),
     # the phi2 recipe padded to each batch's longest row: nearly every step a new shape
@@ -325,8 +328,8 @@ def steady_rate(lines: list[tuple[float, str]], tokens_seen: int) -> dict:
 
 
 RECORDED_SETTINGS = ("per_device_batch_size", "gradient_accumulation_steps", "gradient_checkpointing", "padding_free",
-                     "pad_to_multiple_of", "compile_layers", "cuda_graph", "dataloader_workers", "bf16", "optimizer",
-                     "speedups")
+                     "pad_to_multiple_of", "compile_layers", "cuda_graph", "lora_dropout_kernel", "dataloader_workers",
+                     "bf16", "optimizer", "speedups")
 
 
 def train_recipe(name: str, settings: TrainSettings, model, tokenizer, train, evaluation,

@@ -13,6 +13,11 @@ os.environ["PHI2_DATA_DIR"] = str(_SESSION_DIR / "data")
 os.environ.pop("PHI2_XSUM_DIR", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # Triton kernels, where Triton is installed, run under its CPU interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is first imported
+
 import dagster as dg  # noqa: E402
 import pytest  # noqa: E402
 

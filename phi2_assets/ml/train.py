@@ -111,6 +111,12 @@ class TrainSettings:
         "and no compile_layers, else the steps run eager",
         False,
     )
+    lora_dropout_kernel: bool = documented(
+        "draw the LoRA input's dropout inside Triton kernels fused with the adapters' first matmul (a speed-up): "
+        "one keep bit per element kept for the backward pass instead of a mask and a dropped copy; the same "
+        "dropout with other draws than PyTorch's; CUDA with half-precision adapters (a 4-bit model's), with speedups",
+        False,
+    )
     dataloader_workers: int = documented(
         "processes that fetch and collate the next batches while a step runs; 0 = the training process does "
         "it between steps",
@@ -388,7 +394,8 @@ def train_lora(
         )
         trainer.remove_callback(PrinterCallback)  # it prints every log dict; ProgressCallback says it in one line
         with speedups.for_training(model, peft_model, settings.speedups, settings.compile_layers,
-                                   keeps_activations=not settings.gradient_checkpointing):
+                                   keeps_activations=not settings.gradient_checkpointing,
+                                   kernel_dropout=settings.lora_dropout_kernel):
             run = _evaluate_train_evaluate(trainer, last_checkpoint, run_dir, say)
         with atomic_path(Path(output_dir)) as staging:
             peft_model.save_pretrained(str(staging), safe_serialization=True)

@@ -14,6 +14,7 @@ versions it was verified against (`guards`).
 | `gelu_epilogue`           | generation | first MLP matmul and its tanh GELU in one cuBLASLt call       |
 | `lean_steps`              | training   | less host work and no GPU waits between Trainer steps         |
 | `lean_lora`               | training   | PEFT's LoRA forward as plain tensor ops, no per-call Python   |
+| `lora_dropout_kernel`     | training   | LoRA dropout drawn inside the adapters' first matmul (CUDA)   |
 | `decoded_nf4`             | training   | frozen 4-bit weights decoded to bf16 once, not every pass     |
 | `sorted_evaluation`       | training   | held-out rows evaluated in batches sorted by length           |
 | `labelled_positions_cpu`  | training   | TRL's LM head on labelled positions only, on CPU too          |
@@ -71,10 +72,10 @@ def trainer_class(enabled: bool, cuda_graph: bool = False) -> type[SFTTrainer]:
 
 @contextlib.contextmanager
 def for_training(base: PreTrainedModel, peft_model: PreTrainedModel, enabled: bool, compile_layers: bool,
-                 keeps_activations: bool) -> Iterator[None]:
+                 keeps_activations: bool, kernel_dropout: bool = False) -> Iterator[None]:
     """While inside, training of `peft_model` (LoRA on `base`) runs with every training speed-up `enabled` asks for
-    (`keeps_activations`: the recipe does not checkpoint activations, so it has memory to spare); the shared base
-    model comes back as it was."""
+    (`keeps_activations`: the recipe does not checkpoint activations, so it has memory to spare; `kernel_dropout`:
+    the LoRA dropout drawn in kernels); the shared base model comes back as it was."""
     with contextlib.ExitStack() as stack:
         if enabled:
             stack.enter_context(tanh_gelu.applied(base))
@@ -83,7 +84,7 @@ def for_training(base: PreTrainedModel, peft_model: PreTrainedModel, enabled: bo
             stack.enter_context(kept_logits_cpu.applied())
             stack.enter_context(right_padded_sdpa.applied(base))
             stack.enter_context(decoded_nf4.applied(base, keeps_activations))
-            stack.enter_context(lean_lora.applied(peft_model))
+            stack.enter_context(lean_lora.applied(peft_model, kernel_dropout))
             if compile_layers:
                 stack.enter_context(compiled_layers.applied(base))
             if lean_steps.available():
