@@ -41,6 +41,10 @@ def test_the_kernels_compute_pytorchs_ops_on_their_own_keep_bits():
     reduced, bits = lora_dropout_kernel.down(x, a_weight, P, seed)
     keep = lora_dropout_kernel.unpacked_keep(bits)
     assert abs(keep.float().mean().item() - (1 - P)) < 0.01
+    # independent draws: two columns of a group of four (one Philox draw) agree as often as chance has them agree
+    for column in range(1, 4):
+        agree = keep[:, 0::4].eq(keep[:, column::4]).float().mean().item()
+        assert abs(agree - (P**2 + (1 - P) ** 2)) < 0.02
     dropped = dropped_as_pytorch_drops(x, keep)
     # one rounding of the fp32 sums, as the matmul's; the sums' order is the kernel's own
     torch.testing.assert_close(reduced, (dropped.float() @ a_weight.float().T).to(DTYPE), rtol=1e-2, atol=1e-2)

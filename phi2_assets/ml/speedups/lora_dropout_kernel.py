@@ -1,12 +1,12 @@
 """The Triton kernels behind `lean_lora`'s kernel dropout on CUDA (imported only there: Triton needs a GPU).
 
 An adapter's first matmul with its input's dropout folded in: `down` reads the input once, draws each element's
-keep bit from Philox (a counter-based generator: seed and element index give the draw), multiplies the kept
+keep bit from Philox (a counter-based generator: the seed and a counter give the draw), multiplies the kept
 elements by 1 / (1 - p) and rounds them to the input's dtype as `nn.Dropout` does, and accumulates their product
 with A; it stores the product and the keep bits, one bit per element. The backward pass reads the bits instead of a
 mask and a dropped copy: `weight_grad` (A's gradient, summed over row blocks) and `input_grad` (the input's
 gradient, rounded after the matmul as PyTorch's ops round it, then dropped and scaled). Rows and columns are those
-of the input flattened to (tokens, features); the element index is `row * features + column`.
+of the input flattened to (tokens, features); each draw's counter is `(row * features + column) // 4`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,14 @@ _BIT_WEIGHTS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @triton.jit
-def _dropped(x, seed, rows, columns, FEATURES: tl.constexpr, p, scale):
-    """The block's keep bits and its dropped values, rounded to x's dtype."""
-    # 32-bit element indices (Philox on 32-bit counters is the cheap one): tokens x features stays below 2**31
-    keep = tl.rand(seed, (rows[:, None] * FEATURES + columns[None, :]).to(tl.int32)) >= p
-    return keep, tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
+def _kept(seed, rows, start, FEATURES: tl.constexpr, p, BLOCK_ROWS: tl.constexpr, BLOCK_COLUMNS: tl.constexpr):
+    """The keep bits of the block of columns from `start`: one Philox draw gives four uniforms, for four
+    neighbouring columns of a row, as PyTorch's dropout kernel uses each draw."""
+    groups = start // 4 + tl.arange(0, BLOCK_COLUMNS // 4)
+    # 32-bit counters (Philox's cheap form): tokens x features / 4 stays below 2**31
+    first, second, third, fourth = tl.rand4x(seed, (rows[:, None] * (FEATURES // 4) + groups[None, :]).to(tl.int32))
+    uniform = tl.reshape(tl.join(tl.join(first, second), tl.join(third, fourth)), (BLOCK_ROWS, BLOCK_COLUMNS))
+    return uniform >= p
 
 
 @triton.jit
@@ -56,7 +59,8 @@ def _down(x_ptr, a_ptr, out_ptr, bits_ptr, seed_ptr, tokens, p, scale, FEATURES:
         columns = start + tl.arange(0, BLOCK_COLUMNS)
         inside = rows[:, None] < tokens
         x = tl.load(x_ptr + rows[:, None] * FEATURES + columns[None, :], mask=inside, other=0.0)
-        keep, dropped = _dropped(x, seed, rows, columns, FEATURES, p, scale)
+        keep = _kept(seed, rows, start, FEATURES, p, BLOCK_ROWS, BLOCK_COLUMNS)
+        dropped = tl.where(keep, x.to(tl.float32) * scale, 0.0).to(x.dtype)
         tl.store(bits_ptr + rows[:, None] * (FEATURES // 8) + (start // 8 + tl.arange(0, BLOCK_COLUMNS // 8))[None, :],
                  _packed(keep, BLOCK_ROWS, BLOCK_COLUMNS), mask=inside)
         a = tl.load(a_ptr + ranks[None, :] * FEATURES + columns[:, None])  # A transposed: (columns, rank)
