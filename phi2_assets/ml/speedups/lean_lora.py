@@ -89,8 +89,9 @@ def _kernel_takes(x: torch.Tensor, a_weight: torch.Tensor, dropout: torch.nn.Mod
 
 
 class _KernelDropoutDown(torch.autograd.Function):
-    """A(dropout(x)) with the dropout drawn inside the kernels: the backward pass keeps x (which other layers keep
-    too) and one keep bit per element, instead of a mask and a dropped copy of x per adapter."""
+    """A(dropout(x)) with the dropout drawn inside the kernels: the backward pass keeps x (one tensor for all the
+    adapters on it: query, key, value and the first MLP layer share theirs) and one keep bit per element, instead of
+    a mask and a dropped copy of x per adapter."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, a_weight: torch.Tensor, p: float) -> torch.Tensor:
