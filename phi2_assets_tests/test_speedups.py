@@ -3,6 +3,7 @@ turn a speed-up off with one warning outside the verified releases."""
 
 import copy
 import dataclasses
+import importlib.util
 import logging
 import unittest.mock
 
@@ -40,6 +41,14 @@ from phi2_assets.ml.speedups.static_decoding import greedy_static
 from phi2_assets.ml.tokenization import encode_prompts
 from phi2_assets.ml.train import TrainSettings, train_lora
 from phi2_assets_tests.conftest import tiny_training_set
+
+# Triton kernels run on CUDA, and without CUDA under Triton's interpreter (chosen in conftest) where Triton is
+# installed, in fp16: the interpreter computes no bf16
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float16
+runs_kernels = pytest.mark.skipif(
+    not torch.cuda.is_available() and importlib.util.find_spec("triton") is None,
+    reason="Triton kernels run on CUDA, or under Triton's interpreter where Triton is installed")
 
 FAST = TrainSettings(
     lora_r=4, lora_alpha=8, lora_dropout=0.0, learning_rate=1e-3, epochs=1, max_steps=2, per_device_batch_size=4,
@@ -136,23 +145,25 @@ def test_fused_rotary_attention_computes_what_transformers_phi_does_and_comes_ba
     assert all(type(layer.self_attn) is modeling_phi.PhiAttention for layer in model.model.layers)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the rotary Triton kernel runs on CUDA")
+@runs_kernels
 def test_the_rotary_kernel_gives_the_eager_rotations_outputs_and_gradients_bit_for_bit():
-    generator = torch.Generator("cuda").manual_seed(0)
+    generator = torch.Generator(KERNEL_DEVICE).manual_seed(0)
     batch, heads, positions, head_dim, rotary = 2, 4, 37, 80, 32
 
     def randn(*shape):
-        return torch.randn(*shape, device="cuda", generator=generator, dtype=torch.bfloat16)
+        return torch.randn(*shape, device=KERNEL_DEVICE, generator=generator, dtype=KERNEL_DTYPE)
 
     # query and key as Phi's attention makes them: views of its projections, transposed to (batch, heads, ...)
     projected = [randn(batch, positions, heads * head_dim).requires_grad_() for _ in range(2)]
-    angles = torch.arange(positions, device="cuda")[:, None] / 10_000 ** (
-        torch.arange(0, rotary, 2, device="cuda") / rotary)
+    angles = torch.arange(positions, device=KERNEL_DEVICE)[:, None] / 10_000 ** (
+        torch.arange(0, rotary, 2, device=KERNEL_DEVICE) / rotary)
     angles = torch.cat([angles, angles], dim=-1).expand(batch, -1, -1)
-    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    cos, sin = angles.cos().to(KERNEL_DTYPE), angles.sin().to(KERNEL_DTYPE)
     upstream = [randn(batch, heads, positions, head_dim) for _ in range(2)]
     results = []
-    for rotate in (fused_rotary.rotate_queries_and_keys, fused_rotary.rotate_eagerly):
+    # on CUDA the speed-up's own entry point picks the kernel; elsewhere only the kernel's function does
+    fused = fused_rotary.rotate_queries_and_keys if KERNEL_DEVICE == "cuda" else fused_rotary._Rotation.apply
+    for rotate in (fused, fused_rotary.rotate_eagerly):
         query, key = (p.view(batch, positions, heads, head_dim).transpose(1, 2) for p in projected)
         outputs = rotate(query, key, cos, sin, rotary)
         gradients = torch.autograd.grad(outputs, projected, upstream)
@@ -196,17 +207,19 @@ def test_the_gelu_epilogue_computes_what_the_mlps_two_kernels_do_and_comes_back(
     assert all(type(layer.mlp) is modeling_phi.PhiMLP for layer in model.model.layers)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the right-aligning Triton kernel runs on CUDA")
+@runs_kernels
 def test_the_right_aligning_kernel_writes_what_the_gather_writes():
     from phi2_assets.ml.speedups import right_aligning_kernel, static_decoding
 
-    generator = torch.Generator("cuda").manual_seed(0)
+    generator = torch.Generator(KERNEL_DEVICE).manual_seed(0)
     rows, heads, width, head_dim = 3, 4, 70, 80
-    stacked = torch.randn(rows, heads, width, 3 * head_dim, device="cuda", generator=generator, dtype=torch.bfloat16)
-    lengths = torch.tensor([70, 33, 1], device="cuda", dtype=torch.int32)  # the chunk's longest, a middle, one token
+    stacked = torch.randn(rows, heads, width, 3 * head_dim, device=KERNEL_DEVICE, generator=generator,
+                          dtype=KERNEL_DTYPE)
+    lengths = torch.tensor([70, 33, 1], device=KERNEL_DEVICE, dtype=torch.int32)  # the longest, a middle, one token
     for states in (stacked[..., :head_dim].contiguous(), stacked[..., head_dim:2 * head_dim]):  # a strided split
         # random, not zeros: a column either way leaves unwritten must still match
-        ours = torch.randn(rows + 2, heads, 130, head_dim, device="cuda", generator=generator, dtype=torch.bfloat16)
+        ours = torch.randn(rows + 2, heads, 130, head_dim, device=KERNEL_DEVICE, generator=generator,
+                           dtype=KERNEL_DTYPE)
         gathered = ours.clone()
         right_aligning_kernel.right_align(states, ours[1:4], lengths, 50)
         with unittest.mock.patch.object(static_decoding, "_HAS_TRITON", False):
@@ -463,24 +476,24 @@ def test_the_split_kv_kernel_reads_head_dims_of_one_or_two_powers_of_two():
     assert filled_columns.head_dim_parts(112) is None  # 64 + 48
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the split-KV Triton kernel runs on CUDA")
+@runs_kernels
 @pytest.mark.parametrize("head_dim", [80, 32])  # Phi-2's, read as 64 + 16, and the tiny model's
 def test_the_split_kv_kernel_attends_as_softmax_over_each_rows_filled_columns_does(head_dim):
     from phi2_assets.ml.speedups.decode_attention_kernel import attend_filled_columns
 
-    generator = torch.Generator("cuda").manual_seed(0)
+    generator = torch.Generator(KERNEL_DEVICE).manual_seed(0)
     rows, heads, columns = 5, 4, 1100  # more columns than one split holds, so splits are combined
-    query, keys, values = (torch.randn(rows, heads, width, head_dim, device="cuda", generator=generator,
-                                       dtype=torch.bfloat16) for width in (1, columns, columns))
+    query, keys, values = (torch.randn(rows, heads, width, head_dim, device=KERNEL_DEVICE, generator=generator,
+                                       dtype=KERNEL_DTYPE) for width in (1, columns, columns))
     # a row of one column, a row inside one split, rows across split edges, and the whole cache
-    starts = torch.tensor([1099, 1050, 300, 1, 0], device="cuda", dtype=torch.int32)
-    used = torch.tensor([1, 30, 512, 1099, 1100], device="cuda", dtype=torch.int32)
+    starts = torch.tensor([1099, 1050, 300, 1, 0], device=KERNEL_DEVICE, dtype=torch.int32)
+    used = torch.tensor([1, 30, 512, 1099, 1100], device=KERNEL_DEVICE, dtype=torch.int32)
     ours = attend_filled_columns(query, keys, values, starts, used, head_dim ** -0.5)
-    positions = torch.arange(columns, device="cuda")
+    positions = torch.arange(columns, device=KERNEL_DEVICE)
     mask = (positions >= starts[:, None]) & (positions < (starts + used)[:, None])
     reference = torch.nn.functional.scaled_dot_product_attention(
         query.float(), keys.float(), values.float(), attn_mask=mask[:, None, None, :]).transpose(1, 2)
-    torch.testing.assert_close(ours.float(), reference, atol=1e-2, rtol=1e-2)  # bf16 output rounding
+    torch.testing.assert_close(ours.float(), reference, atol=1e-2, rtol=1e-2)  # half-precision output rounding
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the split-KV Triton kernel runs on CUDA")
