@@ -16,7 +16,6 @@ fp32 softmax over the filled columns.
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 
@@ -80,9 +79,7 @@ def main() -> None:
             print(f"{spec:>10} {name:>14} {microseconds:9.1f} us {filled_bytes / microseconds / 1e6:6.2f} TB/s "
                   f"max |diff| {difference:.2e}", flush=True)
     if args.output:
-        with open(args.output, "w") as out:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results},
-                      out, indent=1)
+        gpu_metrics.write_kernel_results(args.output, results)
 
 
 if __name__ == "__main__":

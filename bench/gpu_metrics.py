@@ -12,6 +12,7 @@ Recomputation under activation checkpointing is not counted: MFU measures useful
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import subprocess
 from collections.abc import Sequence
@@ -94,6 +95,13 @@ def environment() -> dict:
         except (OSError, subprocess.SubprocessError):
             env["driver"] = "unknown"
     return env
+
+
+def write_kernel_results(path: str | Path, results: list[dict]) -> None:
+    """A kernel benchmark's rows as JSON, with the GPU and the torch release they were measured on."""
+    with open(path, "w") as out:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, out,
+                  indent=1)
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:

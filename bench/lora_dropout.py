@@ -16,7 +16,6 @@ largest difference of the kernels' output from PyTorch's ops on the kernels' own
 from __future__ import annotations
 
 import argparse
-import json
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +91,7 @@ def main() -> None:
             print(f"{args.tokens:>6} x {width:<6} {name:>12} {milliseconds:8.4f} ms  kept {kept / 2**20:8.2f} MiB",
                   flush=True)
     if args.output:
-        with open(args.output, "w") as out:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results},
-                      out, indent=1)
+        gpu_metrics.write_kernel_results(args.output, results)
 
 
 if __name__ == "__main__":
